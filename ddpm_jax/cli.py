@@ -1,0 +1,83 @@
+"""What train.py and sample.py share: flag parsing and turning expected errors into one line.
+
+A user's mistake (unknown flag or config key, wrong type, bad path, ...) prints
+`error: <what is wrong and what to do>` on stderr and exits with status 2, with no
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import flags
+
+from ddpm_jax.errors import UserError
+
+
+# Quiet TensorFlow's C++ logs (tfds imports it to prepare data); must precede its import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a second run starts in seconds.
+
+    On by default under ~/.cache/ddpm_jax/xla; DDPM_JAX_COMPILE_CACHE=DIR moves it,
+    DDPM_JAX_COMPILE_CACHE=off turns it off.
+    """
+    import jax
+
+    where = os.environ.get("DDPM_JAX_COMPILE_CACHE", os.path.join("~", ".cache", "ddpm_jax", "xla"))
+    if where.lower() in ("off", "0", "none", ""):
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(where)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
+    """Parses the absl flags, then runs main(); expected errors exit 2 with one line."""
+    argv = sys.argv if argv is None else argv
+    try:
+        rest = flags.FLAGS(argv)
+        for name in list(flags.FLAGS):
+            # config_flags reports a config file it could not load only when the
+            # config is first used: use it here.
+            getattr(getattr(flags.FLAGS, name), "to_dict", None)
+    except flags.Error as e:
+        fail(f"{_one_line(e)} (see --help)")
+    except OSError as e:  # a --config file that cannot be read
+        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        fail(f"could not load the config file: {last}")
+    except (KeyError, AttributeError) as e:  # an override naming no field, e.g. --config.train.bogus=1
+        detail = e
+        while isinstance(detail, BaseException):  # AttributeError(KeyError('name\nDid you mean ...'))
+            detail = detail.args[0] if detail.args else ""
+        lines = str(detail).splitlines() or [""]
+        field = lines[0].strip("'\"")
+        given = next((a.split("=")[0] for a in argv if a.startswith("--config.") and field
+                      and field in a.split("=")[0].split(".")), None)
+        if given is None:
+            raise
+        hint = lines[1].strip() if len(lines) > 1 else "check the spelling (the fields are in ddpm_jax/config.py)"
+        fail(f"{given} names no config field; {hint}")
+    # Any other exception while loading a config file is a bug in that file: its traceback helps.
+    if len(rest) > 1:
+        fail(f"unexpected arguments {' '.join(rest[1:])!r}; every option is a --flag (see --help)")
+    enable_compilation_cache()
+    try:
+        main()
+    except UserError as e:
+        fail(_one_line(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,98 @@
+"""Algorithm 1 of Ho et al.: the train state, the loss, a jitted step and a scanned chunk of steps.
+
+RNG discipline (as in VDM): a step's randomness is `fold_in(train_key, step)`, an
+epoch's data order is `permutation(fold_in(data_key, epoch))`. Both depend only
+on the seed and the step/epoch number, so results do not depend on how steps
+are grouped into host calls, and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from ddpm_jax.data import to_model_range
+from ddpm_jax.errors import UserError
+from ddpm_jax.schedule import Schedule, q_sample
+
+
+class TrainState(train_state.TrainState):
+    """params, opt_state and step (from flax), plus the diffusion schedule the loss needs.
+
+    The schedule is a pytree of constants: traced, never trained, never checkpointed.
+    """
+
+    schedule: Schedule
+
+
+def run_keys(root_key: jax.Array) -> dict[str, jax.Array]:
+    """The independent streams of a run, from its root key `jax.random.key(seed)`:
+    parameter init, per-step noise, data order, and pictures made during training."""
+    init_key, train_key, data_key, sample_key = jax.random.split(root_key, 4)
+    return {"init": init_key, "train": train_key, "data": data_key, "sample": sample_key}
+
+
+def create_optimizer(optim_config) -> optax.GradientTransformation:
+    if optim_config.name == "adam":
+        # torch.optim.Adam's defaults are optax's: b1=0.9, b2=0.999, eps=1e-8.
+        return optax.adam(optim_config.learning_rate)
+    raise UserError(f"unknown optim.name {optim_config.name!r}: use 'adam'")
+
+
+def create_train_state(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation,
+                       key: jax.Array, image_shape: tuple[int, int, int]) -> TrainState:
+    """Initialises the model's parameters for images of shape (H, W, C) and the optimizer state."""
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32))
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, schedule=schedule)
+
+
+def diffusion_loss(params, apply_fn, schedule: Schedule, x0: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
+    """L_simple: MSE between the noise added at a uniform t and the noise the model predicts.  x0: (B, H, W, C)."""
+    t_key, noise_key = jax.random.split(key)
+    t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.n_steps)
+    noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+    x_t = q_sample(schedule, x0, t, noise)
+    eps_pred = apply_fn({"params": params}, x_t, t)
+    return jnp.mean((eps_pred - noise) ** 2)
+
+
+def _train_step(state: TrainState, x0: jnp.ndarray, key: jax.Array) -> tuple[TrainState, jnp.ndarray]:
+    step_key = jax.random.fold_in(key, state.step)
+    loss, grads = jax.value_and_grad(diffusion_loss)(state.params, state.apply_fn, state.schedule, x0, step_key)
+    return state.apply_gradients(grads=grads), loss
+
+
+@jax.jit
+def train_step(state: TrainState, x0: jnp.ndarray, key: jax.Array) -> tuple[TrainState, jnp.ndarray]:
+    """One step of Algorithm 1 on a batch x0 (B, H, W, C) in [-1, 1]; `key` is the run's train key."""
+    return _train_step(state, x0, key)
+
+
+def epoch_permutation(data_key: jax.Array, epoch: int | jnp.ndarray, num_examples: int) -> jnp.ndarray:
+    """The order in which epoch `epoch` visits the training set: (num_examples,) int32."""
+    return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=(0,))
+def train_chunk(state: TrainState, images: jnp.ndarray, order: jnp.ndarray, first_batch: jnp.ndarray,
+                key: jax.Array, *, num_steps: int, batch_size: int) -> tuple[TrainState, jnp.ndarray]:
+    """`num_steps` consecutive steps in one compiled call (lax.scan), data already on the device.
+
+    images: (N, H, W, C) uint8, the whole training set; order: (N,) the epoch's
+    permutation; the chunk takes batches first_batch .. first_batch + num_steps - 1
+    of that order. Returns the new state (the input's buffers are donated) and
+    the losses, shape (num_steps,).
+    """
+    indices = jax.lax.dynamic_slice_in_dim(order, first_batch * batch_size, num_steps * batch_size)
+    indices = indices.reshape(num_steps, batch_size)
+
+    def body(state, batch_indices):
+        x0 = to_model_range(images[batch_indices])
+        return _train_step(state, x0, key)
+
+    return jax.lax.scan(body, state, indices)
+

@@ -1,0 +1,248 @@
+"""End-to-end through the real CLIs (subprocesses), on tfds mock data with a tiny config."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOCK_EXAMPLES = 64  # with batch 8: 8 steps an epoch
+TINY = ["--config", "configs/tiny.py"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    env = dict(os.environ)
+    env["DDPM_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))  # later runs reuse compiles
+    env["JAX_PLATFORMS"] = "cpu"
+    env["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
+    return env
+
+
+def run(env, script, *args, mock=True, timeout=600):
+    cmd = [sys.executable, "tests/mock_run.py", str(MOCK_EXAMPLES), script] if mock else [sys.executable, script]
+    return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def user_error(result, *words):
+    """An expected mistake: exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def params_of(workdir, which="latest"):
+    _, params, meta = load_checkpoint(str(workdir), which)
+    return params, meta
+
+
+def assert_same_params(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def snapshot(folder):
+    """Every file under folder with its size and mtime: to check that nothing was touched."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(env, tmp_path_factory):
+    """2 epochs (16 steps) uninterrupted: the reference run."""
+    workdir = tmp_path_factory.mktemp("run") / "uninterrupted"
+    result = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
+    return workdir, result
+
+
+def test_training_writes_what_the_readme_promises(trained):
+    workdir, result = trained
+    assert "Loss at epoch 1:" in result.stdout and "Loss at epoch 2:" in result.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [8, 16]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    first = iio.imread(workdir / "first_batch.png")
+    assert first.dtype == np.uint8 and first.ndim == 2  # 8 grayscale 28x28 images on a grid
+    forward = iio.imread(workdir / "forward.png")
+    assert forward.shape[0] > 4 * first.shape[0]  # originals + 4 noise levels stacked
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 16
+    params, meta = params_of(workdir)
+    assert meta["checkpoint_step"] == 16 and meta["image_shape"] == [28, 28, 1]
+    assert sum(x.size for x in jax.tree.leaves(params)) == 506_852
+
+
+def test_sample_writes_npz_grid_and_gif(env, trained, tmp_path):
+    workdir, _ = trained
+    out, grid, gif = tmp_path / "s.npz", tmp_path / "g.png", tmp_path / "a.gif"
+    ok(run(env, "sample.py", f"--ckpt={workdir}", "--num=6", "--batch=4", f"--out={out}", f"--grid={grid}",
+           f"--gif={gif}", "--frames=5", "--seed=3", "--noprogress", mock=False))
+    samples = np.load(out)["arr_0"]
+    assert samples.shape == (6, 28, 28, 1) and samples.dtype == np.uint8
+    picture = iio.imread(grid)
+    assert picture.dtype == np.uint8 and picture.ndim == 2
+    gif_frames = iio.imread(gif, index=None)
+    # 5 frames (Pillow merges the held copies of the last frame into one long frame)
+    assert gif_frames.shape[0] == 5 and gif_frames.dtype == np.uint8
+    # The same seed gives the same samples, whatever the batch size.
+    out2 = tmp_path / "s2.npz"
+    ok(run(env, "sample.py", f"--ckpt={workdir}/checkpoints", "--num=6", "--batch=6", f"--out={out2}", "--grid=",
+           "--seed=3", "--noprogress", mock=False))
+    np.testing.assert_array_equal(np.load(out2)["arr_0"], samples)
+    # Outputs are never overwritten unless asked.
+    before = out.read_bytes()
+    user_error(run(env, "sample.py", f"--ckpt={workdir}", "--num=2", f"--out={out}", "--grid=", mock=False),
+               str(out), "--overwrite")
+    assert out.read_bytes() == before
+
+
+def test_resume_after_max_steps_equals_uninterrupted(env, trained, tmp_path):
+    reference, _ = trained
+    workdir = tmp_path / "resumed"
+    first = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2",
+                   "--config.train.max_steps=5"))
+    assert "Stopped at step 5" in first.stdout
+    assert params_of(workdir)[1]["checkpoint_step"] == 5
+    second = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
+    assert "Resuming from step 5" in second.stdout
+    assert_same_params(params_of(workdir)[0], params_of(reference)[0])
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    reference_records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference_records]
+
+
+def test_resume_after_kill_9_equals_uninterrupted(env, trained, tmp_path):
+    reference, _ = trained
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "tests/mock_run.py", str(MOCK_EXAMPLES), "train.py", *TINY, f"--workdir={workdir}",
+           "--config.train.num_epochs=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "8").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (workdir / "checkpoints" / "8").exists()
+    # num_epochs only says how long to train: it may change on resume.
+    ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
+    assert_same_params(params_of(workdir)[0], params_of(reference)[0])
+
+
+def test_a_different_run_config_is_refused_and_nothing_touched(env, trained, tmp_path):
+    reference, _ = trained
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference, workdir)
+    before = snapshot(workdir)
+    line = user_error(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.batch_size=4",
+                          "--config.optim.learning_rate=0.01"),
+                      "train.batch_size", "optim.learning_rate")
+    assert "seed" not in line
+    assert snapshot(workdir) == before
+
+
+def test_sample_errors(env, trained, tmp_path):
+    workdir, _ = trained
+    user_error(run(env, "sample.py", f"--ckpt={tmp_path / 'nope'}", mock=False), "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    user_error(run(env, "sample.py", f"--ckpt={empty}", f"--out={tmp_path / 'x.npz'}", mock=False), "no checkpoints")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(workdir, corrupt)
+    step_dir = corrupt / "checkpoints" / "16"
+    victims = [p for p in step_dir.rglob("*") if p.is_file() and "state" in p.parts]
+    for p in victims:
+        p.write_bytes(b"garbage")
+    before = snapshot(corrupt)
+    user_error(run(env, "sample.py", f"--ckpt={step_dir}", f"--out={tmp_path / 'y.npz'}", "--grid=", mock=False),
+               "16")
+    assert snapshot(corrupt) == before
+    assert not (tmp_path / "y.npz").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--config.train.nonexistent=3"], ["nonexistent"]),
+    (["--config.train.batch_size=lots"], ["batch_size"]),
+    (["--config=configs/missing.py"], ["configs/missing.py"]),
+    (["--frobnicate"], ["frobnicate"]),
+])
+def test_config_mistakes(env, tmp_path, args, words):
+    config = [] if any(a.startswith("--config=") for a in args) else TINY
+    user_error(run(env, "train.py", *config, *args, f"--workdir={tmp_path / 'w'}", mock=False), *words)
+    assert not (tmp_path / "w").exists()
+
+
+def test_offline_without_data_names_manual_dir(env, tmp_path):
+    started = time.time()
+    user_error(run(env, "train.py", *TINY, f"--workdir={tmp_path / 'w'}", f"--config.data.data_dir={tmp_path / 'd'}",
+                   mock=False), "manual_dir")
+    assert time.time() - started < 120
+
+
+def test_manual_dir_without_archives(env, tmp_path):
+    empty = tmp_path / "archives"
+    empty.mkdir()
+    user_error(run(env, "train.py", *TINY, f"--workdir={tmp_path / 'w'}", f"--config.data.data_dir={tmp_path / 'd'}",
+                   f"--config.data.manual_dir={empty}", mock=False), str(empty))
+
+
+def test_unwritable_workdir(env, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file")
+    user_error(run(env, "train.py", *TINY, f"--workdir={blocker / 'sub'}"), "workdir")
+    assert blocker.read_text() == "I am a file"
+
+
+def test_nan_loss_keeps_last_good_checkpoint(env, tmp_path):
+    workdir = tmp_path / "nan"
+    # Adam's first step moves every parameter by about the learning rate: at 1e30 the
+    # second step's loss is no longer finite. Step 1 is checkpointed before that.
+    result = run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.optim.learning_rate=1e30",
+                 "--config.train.checkpoint_every_steps=1", "--config.train.steps_per_chunk=1")
+    user_error(result, "loss", "step 1", "learning_rate")
+    params, meta = params_of(workdir)
+    assert meta["checkpoint_step"] == 1
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.skipif(not os.environ.get("DDPM_JAX_DATA_DIR"), reason="DDPM_JAX_DATA_DIR (official archives) not set")
+def test_real_fashion_mnist_smoke(env, tmp_path):
+    archives = os.path.join(os.environ["DDPM_JAX_DATA_DIR"], "fashion_mnist")
+    workdir = tmp_path / "real"
+    result = ok(run(env, "train.py", "--config=configs/fashion.py", f"--workdir={workdir}",
+                    f"--config.data.manual_dir={archives}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                    "--config.train.max_steps=3", "--config.train.steps_per_chunk=3",
+                    "--config.train.progress=False", mock=False))
+    assert "Stopped at step 3" in result.stdout
+    params, meta = params_of(workdir)
+    assert meta["checkpoint_step"] == 3 and meta["image_shape"] == [28, 28, 1]
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))

@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import ArticleUNet, article_sinusoidal_table
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = ArticleUNet(n_steps=1000, time_emb_dim=100)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def apply(model_and_params):
+    model, _ = model_and_params
+    return jax.jit(model.apply)
+
+
+def test_time_table_matches_the_articles_formula():
+    # A literal NumPy transcription of the article's sinusoidal_embedding(n, d).
+    n, d = 1000, 100
+    wk = np.array([1 / 10_000 ** (2 * j / d) for j in range(d)]).reshape(1, d)
+    t = np.arange(n).reshape(n, 1)
+    expected = np.zeros((n, d))
+    expected[:, ::2] = np.sin(t * wk[:, ::2])
+    expected[:, 1::2] = np.cos(t * wk[:, ::2])
+    np.testing.assert_allclose(article_sinusoidal_table(n, d), expected, atol=1e-6)
+
+
+def test_trainable_parameter_count_is_the_articles(model_and_params):
+    _, variables = model_and_params
+    assert list(variables) == ["params"]  # the time table is a constant, not a variable
+    assert sum(p.size for p in jax.tree.leaves(variables["params"])) == 506_852
+
+
+def test_layer_shapes_follow_the_article(model_and_params):
+    params = model_and_params[1]["params"]
+    assert params["b1_0"]["LayerNorm_0"]["scale"].shape == (28, 28, 1)
+    assert params["b_mid_0"]["LayerNorm_0"]["scale"].shape == (3, 3, 40)
+    assert params["b4_0"]["Conv_0"]["kernel"].shape == (3, 3, 80, 40)
+    assert params["b_out_0"]["Conv_0"]["kernel"].shape == (3, 3, 20, 10)
+    assert params["down3_a"]["kernel"].shape == (2, 2, 40, 40)
+    assert params["up1_b"]["kernel"].shape == (2, 2, 40, 40)
+    assert params["te_b4"]["Dense_0"]["kernel"].shape == (100, 80)
+    assert params["te_b1"]["Dense_1"]["kernel"].shape == (1, 1)
+    # PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+    bound = 1 / np.sqrt(80 * 9)
+    w = np.asarray(params["b4_0"]["Conv_0"]["kernel"])
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+
+
+def test_output_shape_and_time_dependence(model_and_params, apply):
+    _, variables = model_and_params
+    x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    out_a = apply(variables, x, jnp.array([0, 10, 500, 999]))
+    out_b = apply(variables, x, jnp.array([999, 10, 500, 0]))
+    assert out_a.shape == x.shape
+    assert np.all(np.isfinite(out_a))
+    assert not np.allclose(out_a[0], out_b[0], atol=1e-5)  # t changes the output
+    np.testing.assert_allclose(out_a[1:3], out_b[1:3], atol=1e-5)  # per-sample: the batch does not mix
+
+
+def test_blind_to_global_offset_and_scale(model_and_params, apply):
+    # The first LayerNorm normalises over (H, W, C): it removes the image's mean
+    # and scale (and the time embedding added just before it), so
+    # f(a x + c, t) = f(x, t) for a > 0 -- a property of the article's model.
+    _, variables = model_and_params
+    x = jax.random.normal(jax.random.key(2), (4, 28, 28, 1))
+    t = jnp.array([3, 100, 600, 999])
+    a = jnp.array([0.5, 3.0, 1.0, 7.0]).reshape(4, 1, 1, 1)
+    c = jnp.array([5.0, -2.0, 0.3, 10.0]).reshape(4, 1, 1, 1)
+    base = apply(variables, x, t)
+    moved = apply(variables, a * x + c, t)
+    np.testing.assert_allclose(moved, base, atol=2e-4, rtol=1e-3)
+    # ...while a non-affine change of the input does change the output.
+    assert not np.allclose(apply(variables, x ** 3, t), base, atol=1e-3)
+
+
+def test_last_blocks_unused_layernorm_gets_no_gradient(model_and_params):
+    # The article builds a LayerNorm in its last block and never applies it:
+    # its parameters count but stay at their initial values.
+    model, variables = model_and_params
+    x = jax.random.normal(jax.random.key(3), (2, 28, 28, 1))
+
+    def loss(params):
+        return jnp.mean(model.apply({"params": params}, x, jnp.array([1, 2])) ** 2)
+
+    grads = jax.grad(loss)(variables["params"])
+    unused = grads["b_out_2"]["LayerNorm_0"]
+    assert float(jnp.abs(unused["scale"]).max()) == 0.0 and float(jnp.abs(unused["bias"]).max()) == 0.0
+    assert float(jnp.abs(grads["b_out_1"]["LayerNorm_0"]["scale"]).max()) > 0
