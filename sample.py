@@ -32,23 +32,27 @@ FLAGS = flags.FLAGS
 GIF_SAMPLES = 100
 
 
-def _check_outputs(paths):
-    for path in paths:
-        if os.path.exists(path) and not FLAGS.overwrite:
-            cli.fail(f"{path} exists; choose another name or pass --overwrite")
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            cli.fail(f"cannot write to {folder}; choose another output path")
+def _check_output(path: str) -> None:
+    """Fails before any work if `path` exists (without --overwrite) or cannot be created."""
+    if os.path.exists(path) and not FLAGS.overwrite:
+        cli.fail(f"{path} exists; choose another name or pass --overwrite")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the nearest existing ancestor must be a writable folder
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        cli.fail(f"cannot create {path}: {folder} is not a folder you can write; choose another output path")
 
 
 def main():
     if not FLAGS.ckpt:
         cli.fail("no checkpoint given; pass --ckpt with a workdir of train.py")
-    outputs = [p for p in (FLAGS.out, FLAGS.grid, FLAGS.gif) if p]
+    # np.savez appends .npz to a name without it: check the name it will really write.
+    out = FLAGS.out if not FLAGS.out or FLAGS.out.endswith(".npz") else FLAGS.out + ".npz"
+    outputs = [p for p in (out, FLAGS.grid, FLAGS.gif) if p]
     if not outputs:
         cli.fail("nothing to write; give --out, --grid or --gif")
-    _check_outputs(outputs)
+    for path in outputs:
+        _check_output(path)
 
     import jax
     import numpy as np
@@ -71,15 +75,19 @@ def main():
                                 image_shape, batch_size=FLAGS.batch, sigma=sigma,
                                 num_frames=FLAGS.frames if FLAGS.gif else 0, frames_for=GIF_SAMPLES,
                                 progress=FLAGS.progress)
-    if FLAGS.out:
-        np.savez(FLAGS.out, arr_0=from_model_range(x0, clip=True))
-        print(f"Wrote {FLAGS.out} ({FLAGS.num} images, uint8 NHWC, key arr_0)")
-    if FLAGS.grid:
-        viz.save_grid(FLAGS.grid, x0, display=FLAGS.display)
-        print(f"Wrote {FLAGS.grid}")
-    if FLAGS.gif:
-        viz.save_gif(FLAGS.gif, frames)
-        print(f"Wrote {FLAGS.gif} ({frames.shape[0]} frames of {frames.shape[1]} samples)")
+    try:
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            np.savez(out, arr_0=from_model_range(x0, clip=True))
+            print(f"Wrote {out} ({FLAGS.num} images, uint8 NHWC, key arr_0)")
+        if FLAGS.grid:
+            viz.save_grid(FLAGS.grid, x0, display=FLAGS.display)
+            print(f"Wrote {FLAGS.grid}")
+        if FLAGS.gif:
+            viz.save_gif(FLAGS.gif, frames)
+            print(f"Wrote {FLAGS.gif} ({frames.shape[0]} frames of {frames.shape[1]} samples)")
+    except OSError as e:
+        cli.fail(f"could not write {e.filename or 'an output'}: {e.strerror or e}; choose another output path")
 
 
 if __name__ == "__main__":

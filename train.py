@@ -7,6 +7,8 @@ Rerunning the same command on the same workdir resumes from its latest checkpoin
 Any config field can be overridden with --config.<field>=<value>.
 """
 
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -24,6 +26,8 @@ def main():
 
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir or f"runs/{FLAGS.config.data.name}")
     print(f"Checkpoints in {summary['workdir']}/checkpoints; sample with: python sample.py --ckpt {summary['workdir']}")
+    if summary["stop_reason"] == "interrupted":
+        sys.exit(130)  # saved cleanly, but a script chaining on this run should not go on
 
 
 if __name__ == "__main__":

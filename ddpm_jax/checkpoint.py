@@ -61,6 +61,7 @@ __all__ = [
     "best_step",
     "restore",
     "read_meta",
+    "CorruptCheckpointError",
     "resolve",
     "load_checkpoint",
     "orbax_logging",
@@ -246,7 +247,15 @@ def _steps_str(manager: ocp.CheckpointManager) -> str:
     return ", ".join(str(s) for s in steps) if steps else "none"
 
 
-def _corrupt(manager: ocp.CheckpointManager, step: int, e: BaseException) -> UserError:
+class CorruptCheckpointError(UserError):
+    """A step folder that cannot be read. `step_dir` and `cause` let a caller give its own advice."""
+
+    def __init__(self, message: str, step_dir: str, cause: str):
+        super().__init__(message)
+        self.step_dir, self.cause = step_dir, cause
+
+
+def _corrupt(manager: ocp.CheckpointManager, step: int, e: BaseException) -> CorruptCheckpointError:
     _hush_read_stragglers()
     step_dir = os.path.join(str(manager.directory), str(step))
     others = [s for s in manager.all_steps() if s != step]
@@ -255,7 +264,8 @@ def _corrupt(manager: ocp.CheckpointManager, step: int, e: BaseException) -> Use
         if others
         else "no other checkpoint is left there; retrain or restore the folder from a backup"
     )
-    return UserError(f"checkpoint {step_dir} is corrupt or incomplete ({_cause(e)}); {hint}")
+    return CorruptCheckpointError(f"checkpoint {step_dir} is corrupt or incomplete ({_cause(e)}); {hint}",
+                                  step_dir, _cause(e))
 
 
 def _check_step(manager: ocp.CheckpointManager, step: int) -> None:

@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 from absl import flags
+from absl import logging as absl_logging
 
 from ddpm_jax.errors import UserError
 
@@ -74,6 +75,8 @@ def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
     if len(rest) > 1:
         fail(f"unexpected arguments {' '.join(rest[1:])!r}; every option is a --flag (see --help)")
     enable_compilation_cache()
+    # tfds and Orbax log warnings through absl that say nothing to a user of the CLIs.
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         main()
     except UserError as e:

@@ -33,7 +33,7 @@ from ddpm_jax.config import run_defining_differences
 from ddpm_jax.data import load_split, to_model_range
 from ddpm_jax.errors import UserError
 from ddpm_jax.models import create_model
-from ddpm_jax.sampling import sample, sample_keys
+from ddpm_jax.sampling import SIGMAS, sample, sample_keys
 from ddpm_jax.schedule import make_schedule, q_sample
 from ddpm_jax.training import (TrainState, create_optimizer, create_train_state, epoch_permutation, run_keys,
                                train_chunk)
@@ -62,6 +62,13 @@ def check_train_config(config) -> None:
                              ("train.sample_every_epochs", t.sample_every_epochs, 0)):
         if not isinstance(value, int) or value < low:
             raise UserError(f"--config.{name} must be an integer >= {low}, got {value!r}")
+    if t.checkpoint_every_steps % t.steps_per_chunk:
+        raise UserError(f"--config.train.checkpoint_every_steps ({t.checkpoint_every_steps}) must be a multiple of "
+                        f"--config.train.steps_per_chunk ({t.steps_per_chunk})")
+    if config.sample.sigma not in SIGMAS:
+        raise UserError(f"--config.sample.sigma must be one of {', '.join(SIGMAS)}, got {config.sample.sigma!r}")
+    if not isinstance(config.sample.num, int) or config.sample.num < 1:
+        raise UserError(f"--config.sample.num must be an integer >= 1, got {config.sample.num!r}")
 
 
 def _checkpoint_tree(state: TrainState, root_key: jax.Array) -> dict:
@@ -72,13 +79,22 @@ def _checkpoint_tree(state: TrainState, root_key: jax.Array) -> dict:
 
 
 def _trim_metrics(path: str, last_step: int) -> None:
-    """Drops epoch records past the checkpoint a run resumes from: they will be logged again."""
+    """Keeps the epoch records up to the step a run (re)starts from: later ones will be
+    logged again. Rewritten atomically; a torn last line (a kill mid-write) is dropped."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        records = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    with open(path, "w") as f:
-        f.writelines(records)
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 class _StopRequest:
@@ -117,138 +133,166 @@ def _write_start_pictures(workdir, images, order, schedule, batch_size, key) -> 
     viz.save_forward(os.path.join(workdir, "forward.png"), np.asarray(x0), noised)
 
 
+def _check_same_run(manager, config_dict: dict, workdir: str) -> None:
+    """Refuses a workdir whose latest checkpoint was made with other run-defining settings."""
+    latest = checkpoint.latest_step(manager)
+    if latest is None:
+        return
+    diffs = run_defining_differences(_read_latest(manager, latest, checkpoint.read_meta)["config"], config_dict)
+    if diffs:
+        raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+                        "use another --workdir or the same settings")
+
+
+def _read_latest(manager, step, read, *args):
+    """read(manager, step, *args), with training's advice if that checkpoint is unreadable."""
+    try:
+        return read(manager, step, *args)
+    except checkpoint.CorruptCheckpointError as e:
+        raise UserError(f"the latest checkpoint {e.step_dir} cannot be read ({e.cause}); move that folder out of "
+                        f"{manager.directory} to resume from the one before it, or use another --workdir") from e
+
+
+def _resume(manager, state: TrainState, root_key):
+    """Restores the latest checkpoint, if any: (state, root_key, best_loss, epoch_loss_sum)."""
+    latest = checkpoint.latest_step(manager)
+    if latest is None:
+        return state, root_key, math.inf, 0.0
+    tree, meta = _read_latest(manager, latest, checkpoint.restore, _checkpoint_tree(state, root_key))
+    state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+    best_loss = meta["best_loss"] if meta.get("best_loss") is not None else math.inf
+    return state, jax.random.wrap_key_data(tree["rng"]), best_loss, meta["epoch_loss_sum"]
+
+
+@jax.jit
+def _all_finite(tree) -> jnp.ndarray:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (or resumes training) the model `config` describes; returns a summary dict."""
+    """Trains (or resumes training) the model `config` describes; returns a summary dict:
+    {'step', 'steps_per_epoch', 'stop_reason' ('finished' | 'max_steps' | 'interrupted'),
+    'best_loss', 'workdir'}."""
     check_train_config(config)
     workdir = prepare_workdir(workdir)
-    images, _ = load_split(config.data.name, "train", data_dir=config.data.data_dir,
-                           manual_dir=config.data.manual_dir)
-    num_examples, image_shape = images.shape[0], tuple(images.shape[1:])
-    batch_size = config.train.batch_size
-    # Each epoch is num_examples // batch_size full batches of a fresh permutation;
-    # the remainder (96 images for 60,000 / 128) is left out of that epoch.
-    steps_per_epoch = num_examples // batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"batch size {batch_size} is larger than the {num_examples} training images; "
-                        "lower --config.train.batch_size")
-    total_steps = steps_per_epoch * config.train.num_epochs
-    if config.train.max_steps:
-        total_steps = min(total_steps, config.train.max_steps)
-
-    schedule = make_schedule(config.diffusion)
-    model = create_model(config, image_shape)
-    root_key = jax.random.key(config.seed)
-    keys = run_keys(root_key)
-    state = create_train_state(model, schedule, create_optimizer(config.optim), keys["init"], image_shape)
     config_dict = config.to_dict()
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    batch_size, chunk = config.train.batch_size, config.train.steps_per_chunk
+    every = config.train.checkpoint_every_steps
 
     manager = checkpoint.open_manager(workdir, keep=config.train.keep_checkpoints)
     try:
-        best_loss, epoch_loss_sum = math.inf, 0.0
-        start = checkpoint.latest_step(manager)
-        if start is not None:
-            saved_meta = checkpoint.read_meta(manager, start)
-            diffs = run_defining_differences(saved_meta["config"], config_dict)
-            if diffs:
-                raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
-                                "use another --workdir or the same settings")
-            tree, meta = checkpoint.restore(manager, start, _checkpoint_tree(state, root_key))
-            state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
-            root_key = jax.random.wrap_key_data(tree["rng"])
-            keys = run_keys(root_key)
-            best_loss = meta["best_loss"] if meta.get("best_loss") is not None else math.inf
-            epoch_loss_sum = meta["epoch_loss_sum"]
-            _trim_metrics(metrics_path, start)
-            print(f"Resuming from step {start} (epoch {start // steps_per_epoch + 1}) in {workdir}")
-        step = int(state.step)
+        _check_same_run(manager, config_dict, workdir)  # before the data: it may be another dataset
+        images, _ = load_split(config.data.name, "train", data_dir=config.data.data_dir,
+                               manual_dir=config.data.manual_dir)
+        num_examples, image_shape = images.shape[0], tuple(images.shape[1:])
+        # Each epoch is num_examples // batch_size full batches of a fresh permutation;
+        # the remainder (96 images for 60,000 / 128) is left out of that epoch.
+        steps_per_epoch = num_examples // batch_size
+        if steps_per_epoch == 0:
+            raise UserError(f"batch size {batch_size} is larger than the {num_examples} training images; "
+                            "lower --config.train.batch_size")
+        planned_steps = steps_per_epoch * config.train.num_epochs
+        total_steps = min(planned_steps, config.train.max_steps) if config.train.max_steps else planned_steps
 
-        device_images = jnp.asarray(images)  # uint8 on the device: 47 MB for 60,000 28x28 images
-        order = epoch_permutation(keys["data"], step // steps_per_epoch, num_examples)
-        if step == 0:
-            _write_start_pictures(workdir, images, order, schedule, batch_size, keys["sample"])
+        model = create_model(config, image_shape)
+        root_key = jax.random.key(config.seed)
+        state = create_train_state(model, make_schedule(config.diffusion), create_optimizer(config.optim),
+                                   run_keys(root_key)["init"], image_shape)
+        state, root_key, best_loss, epoch_loss_sum = _resume(manager, state, root_key)
+        keys = run_keys(root_key)
+        step = int(state.step)
+        _trim_metrics(metrics_path, step)
+        if step:
+            print(f"Resuming from step {step} (epoch {step // steps_per_epoch + 1}) in {workdir}")
 
         def save(epoch_loss=None):
+            if not bool(_all_finite(state.params)):  # the last update of a chunk can overflow
+                raise UserError(_nan_message(step, "the parameters became non-finite", manager))
             meta = {"config": config_dict, "image_shape": list(image_shape), "epoch": step // steps_per_epoch,
                     "step_in_epoch": step % steps_per_epoch, "epoch_loss_sum": epoch_loss_sum,
                     "best_loss": None if math.isinf(best_loss) else best_loss}
             checkpoint.save(manager, step, _checkpoint_tree(state, root_key), meta, epoch_loss=epoch_loss)
 
-        stop_reason = "finished" if step >= total_steps else None
-        chunk = config.train.steps_per_chunk
-        every = config.train.checkpoint_every_steps
-        bar = None
         with _StopRequest() as stop:
-            epoch_start, epoch_steps_run = time.time(), 0
-            while step < total_steps:
+            device_images = jnp.asarray(images)  # uint8 on the device: 47 MB for 60,000 28x28 images
+            order = epoch_permutation(keys["data"], step // steps_per_epoch, num_examples)
+            if step == 0:
+                _write_start_pictures(workdir, images, order, state.schedule, batch_size, keys["sample"])
+            bar = None
+            epoch_start, epoch_steps_run = time.monotonic(), 0
+            while step < total_steps and not stop.requested:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 if bar is None:
                     bar = tqdm(total=steps_per_epoch, initial=in_epoch, leave=False, unit="step",
                                desc=f"Epoch {epoch + 1}/{config.train.num_epochs}", disable=not config.train.progress)
-                # Chunks end on multiples of steps_per_chunk and checkpoint_every_steps and
-                # never cross an epoch or max_steps, whatever step the run started from.
-                n = min(chunk - step % chunk, every - step % every, steps_per_epoch - in_epoch, total_steps - step)
+                # Chunks are steps_per_chunk long, counted from the epoch's start, cut short
+                # only by the epoch's end and max_steps: two or three shapes to compile.
+                n = min(chunk - in_epoch % chunk, steps_per_epoch - in_epoch, total_steps - step)
                 state, losses = train_chunk(state, device_images, order, in_epoch, keys["train"],
                                             num_steps=n, batch_size=batch_size)
                 losses = np.asarray(losses)
                 if not np.all(np.isfinite(losses)):
-                    bad = step + int(np.argmin(np.isfinite(losses)))
-                    good = checkpoint.latest_step(manager)
-                    raise UserError(f"the loss became {losses[~np.isfinite(losses)][0]} at step {bad}; "
-                                    f"the last good checkpoint (step {good}) is kept; lower "
-                                    "--config.optim.learning_rate or check the data")
+                    bad = step + int(np.argmin(np.isfinite(losses))) + 1
+                    raise UserError(_nan_message(bad, f"the loss became {losses[~np.isfinite(losses)][0]}", manager))
                 step += n
                 epoch_steps_run += n
                 epoch_loss_sum += float(losses.sum(dtype=np.float64))
                 bar.update(n)
                 bar.set_postfix(loss=f"{epoch_loss_sum / (in_epoch + n):.4f}")
+                if step % steps_per_epoch:
+                    if step // every > (step - n) // every:
+                        save()
+                    continue
 
-                if step % steps_per_epoch == 0:  # an epoch ended
-                    bar.close()
-                    bar = None
-                    seconds = time.time() - epoch_start
-                    epoch_loss = epoch_loss_sum / steps_per_epoch
-                    is_best = epoch_loss < best_loss
-                    best_loss = min(best_loss, epoch_loss)
-                    epoch_loss_sum = 0.0
-                    save(epoch_loss)
-                    record = {"epoch": epoch + 1, "step": step, "loss": epoch_loss, "seconds": round(seconds, 2),
-                              "images_per_s": round(epoch_steps_run * batch_size / max(seconds, 1e-9), 1)}
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    tqdm.write(f"Loss at epoch {epoch + 1}: {epoch_loss:.3f}" + (" --> Best model ever (stored)"
-                                                                                 if is_best else ""))
-                    if config.train.sample_every_epochs and (epoch + 1) % config.train.sample_every_epochs == 0:
-                        _save_sample_grid(config, model, state, schedule, image_shape, workdir, epoch + 1)
-                    if step < total_steps:
-                        order = epoch_permutation(keys["data"], step // steps_per_epoch, num_examples)
-                    epoch_start, epoch_steps_run = time.time(), 0
-                elif step % every == 0:
-                    save()
-
-                if stop.requested:
-                    stop_reason = "interrupted"
-                    break
+                # An epoch ended: log it, keep the best, start the next one. The record is
+                # written before the checkpoint, so a kill in between logs it again on resume.
+                bar.close()
+                bar = None
+                seconds = max(time.monotonic() - epoch_start, 1e-9)
+                epoch_loss = epoch_loss_sum / steps_per_epoch
+                is_best = epoch_loss < best_loss
+                best_loss, epoch_loss_sum = min(best_loss, epoch_loss), 0.0
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": epoch_loss,
+                                        "seconds": round(seconds, 2),
+                                        "images_per_s": round(epoch_steps_run * batch_size / seconds, 1)}) + "\n")
+                save(epoch_loss)
+                tqdm.write(f"Loss at epoch {epoch + 1}: {epoch_loss:.3f}"
+                           + (" --> Best model ever (stored)" if is_best else ""))
+                if config.train.sample_every_epochs and (epoch + 1) % config.train.sample_every_epochs == 0:
+                    _save_sample_grid(config, model, state, image_shape, workdir, epoch + 1)
+                if step < total_steps:
+                    order = epoch_permutation(keys["data"], epoch + 1, num_examples)
+                epoch_start, epoch_steps_run = time.monotonic(), 0
             if bar is not None:
                 bar.close()
-        if stop_reason is None:
-            stop_reason = "finished" if step >= steps_per_epoch * config.train.num_epochs else "max_steps"
-        save()  # a no-op if this step is saved already
-        manager.wait_until_finished()
+            save()  # the last step is never lost; a no-op if it is saved already
+            manager.wait_until_finished()
     finally:
         manager.close()
 
-    if stop_reason == "max_steps":
+    if step >= planned_steps:
+        stop_reason = "finished"
+    elif stop.requested:
+        stop_reason = "interrupted"
+        print(f"Interrupted at step {step}; checkpoint saved. Rerun the same command to continue.")
+    else:
+        stop_reason = "max_steps"
         print(f"Stopped at step {step} (train.max_steps); rerun with a larger --config.train.max_steps "
               "(0 = no cap) to continue")
-    elif stop_reason == "interrupted":
-        print(f"Interrupted at step {step}; checkpoint saved. Rerun the same command to continue.")
     return {"step": step, "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason,
             "best_loss": None if math.isinf(best_loss) else best_loss, "workdir": workdir}
 
 
-def _save_sample_grid(config, model, state, schedule, image_shape, workdir, epoch) -> None:
+def _nan_message(step: int, what: str, manager) -> str:
+    good = checkpoint.latest_step(manager)
+    kept = f"the last good checkpoint (step {good}) is kept" if good is not None else "no checkpoint was written yet"
+    return f"{what} at step {step}; training stopped and {kept}; lower --config.optim.learning_rate or check the data"
+
+
+def _save_sample_grid(config, model, state, image_shape, workdir, epoch) -> None:
     key = jax.random.fold_in(run_keys(jax.random.key(config.seed))["sample"], epoch)
-    x0, _ = sample(model.apply, {"params": state.params}, schedule, sample_keys(key, 0, config.sample.num),
+    x0, _ = sample(model.apply, {"params": state.params}, state.schedule, sample_keys(key, 0, config.sample.num),
                    image_shape, sigma=config.sample.sigma)
     viz.save_grid(os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"), np.asarray(x0))

@@ -38,13 +38,15 @@ def reverse_stddevs(schedule: Schedule, sigma: str) -> jnp.ndarray:
 
 
 def frame_steps(n_steps: int, num_frames: int) -> np.ndarray:
-    """Loop iterations (0 = the step from T-1) after which a frame is recorded: K evenly
-    spaced ones, the last being the final x0.  Shape (num_frames,), int, strictly increasing."""
+    """Loop iterations (0 = the step from T-1) after which a frame is recorded, as the article
+    picks them: floor(linspace(0, T, K)) below T, and the last step, so the last frame is x0.
+    Shape (num_frames,), int, strictly increasing (num_frames <= T)."""
     if not 0 <= num_frames <= n_steps:
         raise UserError(f"frames must be between 0 and the number of steps ({n_steps}), got {num_frames}")
-    if num_frames == 1:
-        return np.array([n_steps - 1])
-    return np.round(np.linspace(0, n_steps - 1, num_frames)).astype(np.int32)
+    if num_frames == 0:
+        return np.zeros((0,), np.int32)
+    evenly = np.floor(np.linspace(0, n_steps, num_frames)).astype(np.int32)[:-1]
+    return np.append(evenly, n_steps - 1).astype(np.int32)
 
 
 def ddpm_step(eps_fn: EpsFn, params, schedule: Schedule, sigmas: jnp.ndarray, x: jnp.ndarray,

@@ -77,22 +77,48 @@ def epoch_permutation(data_key: jax.Array, epoch: int | jnp.ndarray, num_example
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
 
 
+def _batch(images: jnp.ndarray, order: jnp.ndarray, index, batch_size: int) -> jnp.ndarray:
+    """Batch `index` of the epoch's order, as float32 in [-1, 1]: (batch_size, H, W, C)."""
+    indices = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
+    return to_model_range(images[indices])
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0,))
+def _train_batch(state, images, order, batch_index, key, *, batch_size):
+    return _train_step(state, _batch(images, order, batch_index, batch_size), key)
+
+
 @functools.partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=(0,))
-def train_chunk(state: TrainState, images: jnp.ndarray, order: jnp.ndarray, first_batch: jnp.ndarray,
-                key: jax.Array, *, num_steps: int, batch_size: int) -> tuple[TrainState, jnp.ndarray]:
-    """`num_steps` consecutive steps in one compiled call (lax.scan), data already on the device.
+def _train_scan(state, images, order, first_batch, key, *, num_steps, batch_size):
+    def body(state, batch_index):
+        return _train_step(state, _batch(images, order, batch_index, batch_size), key)
+
+    return jax.lax.scan(body, state, first_batch + jnp.arange(num_steps))
+
+
+def scan_by_default() -> bool:
+    """Whether train_chunk scans by default: on accelerators, yes. XLA:CPU runs the
+    convolutions of a backward pass several times slower inside a loop body
+    (jax-ml/jax#12868; 7x for this U-Net), so on CPU the chunk is a host loop of
+    jitted steps, dispatched asynchronously."""
+    return jax.default_backend() != "cpu"
+
+
+def train_chunk(state: TrainState, images: jnp.ndarray, order: jnp.ndarray, first_batch, key: jax.Array, *,
+                num_steps: int, batch_size: int, scan: bool | None = None) -> tuple[TrainState, jnp.ndarray]:
+    """`num_steps` consecutive steps with the data already on the device.
 
     images: (N, H, W, C) uint8, the whole training set; order: (N,) the epoch's
-    permutation; the chunk takes batches first_batch .. first_batch + num_steps - 1
-    of that order. Returns the new state (the input's buffers are donated) and
-    the losses, shape (num_steps,).
+    permutation; the chunk trains on batches first_batch .. first_batch + num_steps - 1
+    of that order. With scan=True (default on accelerators) the chunk is one
+    compiled `lax.scan`; otherwise a loop of jitted steps. Both compute the same
+    thing. Returns the new state (the input state's buffers are donated) and the
+    losses, shape (num_steps,).
     """
-    indices = jax.lax.dynamic_slice_in_dim(order, first_batch * batch_size, num_steps * batch_size)
-    indices = indices.reshape(num_steps, batch_size)
-
-    def body(state, batch_indices):
-        x0 = to_model_range(images[batch_indices])
-        return _train_step(state, x0, key)
-
-    return jax.lax.scan(body, state, indices)
-
+    if scan if scan is not None else scan_by_default():
+        return _train_scan(state, images, order, first_batch, key, num_steps=num_steps, batch_size=batch_size)
+    losses = []
+    for i in range(num_steps):
+        state, loss = _train_batch(state, images, order, first_batch + i, key, batch_size=batch_size)
+        losses.append(loss)
+    return state, jnp.stack(losses)

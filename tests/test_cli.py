@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,7 +78,8 @@ def snapshot(folder):
 def trained(env, tmp_path_factory):
     """2 epochs (16 steps) uninterrupted: the reference run."""
     workdir = tmp_path_factory.mktemp("run") / "uninterrupted"
-    result = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
+    result = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2",
+                    "--config.train.sample_every_epochs=2"))
     return workdir, result
 
 
@@ -91,6 +93,9 @@ def test_training_writes_what_the_readme_promises(trained):
     assert first.dtype == np.uint8 and first.ndim == 2  # 8 grayscale 28x28 images on a grid
     forward = iio.imread(workdir / "forward.png")
     assert forward.shape[0] > 4 * first.shape[0]  # originals + 4 noise levels stacked
+    grid = iio.imread(workdir / "samples" / "epoch_002.png")  # config.sample.num = 4 samples
+    assert grid.shape == (2 * 28 + 2, 2 * 28 + 2)
+    assert not (workdir / "samples" / "epoch_001.png").exists()
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 16
     params, meta = params_of(workdir)
@@ -108,8 +113,11 @@ def test_sample_writes_npz_grid_and_gif(env, trained, tmp_path):
     picture = iio.imread(grid)
     assert picture.dtype == np.uint8 and picture.ndim == 2
     gif_frames = iio.imread(gif, index=None)
-    # 5 frames (Pillow merges the held copies of the last frame into one long frame)
-    assert gif_frames.shape[0] == 5 and gif_frames.dtype == np.uint8
+    # 5 frames of a 2 x 3 grid; Pillow merges the held copies of the last frame into
+    # one frame that lasts 1 + 5 // 3 frame durations.
+    assert gif_frames.shape == (5, 2 * 28, 3 * 28) and gif_frames.dtype == np.uint8
+    durations = [iio.immeta(gif, index=i)["duration"] for i in range(5)]
+    assert durations[-1] == 2 * durations[0]
     # The same seed gives the same samples, whatever the batch size.
     out2 = tmp_path / "s2.npz"
     ok(run(env, "sample.py", f"--ckpt={workdir}/checkpoints", "--num=6", "--batch=6", f"--out={out2}", "--grid=",
@@ -148,12 +156,39 @@ def test_resume_after_kill_9_equals_uninterrupted(env, trained, tmp_path):
         while not (workdir / "checkpoints" / "8").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert (workdir / "checkpoints" / "8").exists()
+    latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert 8 <= latest < 16
     # num_epochs only says how long to train: it may change on resume.
+    resumed = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
+    assert f"Resuming from step {latest}" in resumed.stdout
+    assert_same_params(params_of(workdir)[0], params_of(reference)[0])
+    # The epoch record written before the kill is not duplicated by the resumed run.
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_ctrl_c_saves_and_resume_equals_uninterrupted(env, trained, tmp_path):
+    reference, _ = trained
+    workdir = tmp_path / "ctrl-c"
+    cmd = [sys.executable, "tests/mock_run.py", str(MOCK_EXAMPLES), "train.py", *TINY, f"--workdir={workdir}",
+           "--config.train.num_epochs=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The Ctrl-C handler is in place before the first pictures are written, and
+    # the first chunk still has to compile then: the run stops before or after it.
+    deadline = time.time() + 300
+    while not (workdir / "first_batch.png").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    stopped = re.search(r"Interrupted at step (\d+)", out)
+    assert stopped and int(stopped.group(1)) % 4 == 0 and int(stopped.group(1)) < 16, out
+    assert params_of(workdir)[1]["checkpoint_step"] == int(stopped.group(1))
     ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
     assert_same_params(params_of(workdir)[0], params_of(reference)[0])
 
@@ -167,6 +202,33 @@ def test_a_different_run_config_is_refused_and_nothing_touched(env, trained, tmp
                           "--config.optim.learning_rate=0.01"),
                       "train.batch_size", "optim.learning_rate")
     assert "seed" not in line
+    assert snapshot(workdir) == before
+
+
+def test_best_checkpoint_survives_resume(env, trained, tmp_path):
+    reference, _ = trained
+    losses = [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = 1 + int(np.argmin(losses))
+    workdir = tmp_path / "best"
+    ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2",
+           "--config.train.max_steps=12", "--config.train.keep_checkpoints=1"))
+    ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2",
+           "--config.train.keep_checkpoints=1"))
+    _, meta = params_of(workdir, "best")
+    assert meta["checkpoint_step"] == 8 * best_epoch
+    assert meta["best_loss"] == pytest.approx(min(losses[:best_epoch]))
+
+
+def test_corrupt_latest_checkpoint_is_reported_by_train(env, trained, tmp_path):
+    reference, _ = trained
+    workdir = tmp_path / "corrupt-train"
+    shutil.copytree(reference, workdir)
+    for p in (workdir / "checkpoints" / "16").rglob("*"):
+        if p.is_file() and "state" in p.parts:
+            p.write_bytes(b"garbage")
+    before = snapshot(workdir)
+    user_error(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=3"),
+               "checkpoints/16", "move that folder out")
     assert snapshot(workdir) == before
 
 

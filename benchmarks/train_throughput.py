@@ -1,0 +1,90 @@
+"""Training throughput of a config's model: images/s, compile time cold and warm, peak RSS.
+
+    python benchmarks/train_throughput.py --config configs/fashion.py [--steps 30] [--json out.json]
+    python benchmarks/train_throughput.py --config configs/fashion.py --config.train.batch_size=256
+
+The data is random uint8 of the dataset's shape (throughput does not depend on
+the pixels), kept on the device as in training; steps run as `train_chunk`
+does in a real run. images/s is the median over the timed chunks.
+"""
+
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from common import device_info, median, peak_rss_mib, report, timed  # noqa: E402
+from ddpm_jax.models import create_model  # noqa: E402
+from ddpm_jax.schedule import make_schedule  # noqa: E402
+from ddpm_jax.training import (create_optimizer, create_train_state, epoch_permutation, run_keys,  # noqa: E402
+                               scan_by_default, train_chunk)
+
+config_flags.DEFINE_config_file("config", "configs/fashion.py", "Config file.", lock_config=True)
+flags.DEFINE_integer("steps", 30, "Timed training steps (at least 30 for the median).")
+flags.DEFINE_integer("warmup", 2, "Untimed chunks after compilation.")
+flags.DEFINE_integer("num_examples", 60000, "Size of the synthetic on-device training set.")
+flags.DEFINE_string("json", "", "Also write the result to this file.")
+FLAGS = flags.FLAGS
+
+IMAGE_SHAPE = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
+
+
+def main(_):
+    config = FLAGS.config
+    cache_dir = tempfile.mkdtemp(prefix="ddpm-jax-bench-cache-")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+    image_shape = IMAGE_SHAPE[config.data.name]
+    batch, chunk = config.train.batch_size, config.train.steps_per_chunk
+    model = create_model(config, image_shape)
+    keys = run_keys(jax.random.key(config.seed))
+    state = create_train_state(model, make_schedule(config.diffusion), create_optimizer(config.optim), keys["init"],
+                               image_shape)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (FLAGS.num_examples, *image_shape), dtype=np.uint8))
+    order = epoch_permutation(keys["data"], 0, FLAGS.num_examples)
+    steps_per_epoch = FLAGS.num_examples // batch
+    position = 0
+
+    def run_chunk():
+        nonlocal state, position
+        if position + chunk > steps_per_epoch:
+            position = 0
+        state, losses = train_chunk(state, images, order, position, keys["train"], num_steps=chunk, batch_size=batch)
+        position += chunk
+        return losses
+
+    _, cold = timed(run_chunk)  # compiles (empty persistent cache) and runs one chunk
+    jax.clear_caches()
+    _, warm = timed(run_chunk)  # compiles again, from the persistent cache
+    for _ in range(FLAGS.warmup):
+        timed(run_chunk)
+    times = [timed(run_chunk)[1] for _ in range(-(-FLAGS.steps // chunk))]
+    per_chunk = median(times)
+    report({
+        "benchmark": "train_throughput",
+        "model": config.model.name,
+        "batch_size": batch,
+        "steps_per_chunk": chunk,
+        "scan": scan_by_default(),
+        "timed_steps": len(times) * chunk,
+        "images_per_s": round(chunk * batch / per_chunk, 1),
+        "step_ms_median": round(1000 * per_chunk / chunk, 2),
+        # first chunk minus a steady chunk: compilation (and one-off transfers)
+        "compile_s_cold": round(cold - per_chunk, 2),
+        "compile_s_warm": round(warm - per_chunk, 2),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        **device_info(),
+    }, FLAGS.json)
+
+
+if __name__ == "__main__":
+    app.run(main)
