@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.num_epochs = 20
     config.train.max_steps = 0  # stop after this many steps in total; 0 = no cap
     config.train.steps_per_chunk = 50  # steps per host call (lax.scan); does not change results
-    config.train.checkpoint_every_steps = 500  # plus one at every epoch end and at any early stop
+    config.train.checkpoint_every_steps = 500  # (at the first chunk end past each multiple) plus one at
+    # every epoch end and at any early stop
     config.train.keep_checkpoints = 3  # the latest N are kept, and the best by epoch loss
     config.train.sample_every_epochs = 0  # 0 = never; else write a grid of samples every N epochs
     config.train.progress = True  # tqdm progress bar

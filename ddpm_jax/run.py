@@ -62,9 +62,6 @@ def check_train_config(config) -> None:
                              ("train.sample_every_epochs", t.sample_every_epochs, 0)):
         if not isinstance(value, int) or value < low:
             raise UserError(f"--config.{name} must be an integer >= {low}, got {value!r}")
-    if t.checkpoint_every_steps % t.steps_per_chunk:
-        raise UserError(f"--config.train.checkpoint_every_steps ({t.checkpoint_every_steps}) must be a multiple of "
-                        f"--config.train.steps_per_chunk ({t.steps_per_chunk})")
     if config.sample.sigma not in SIGMAS:
         raise UserError(f"--config.sample.sigma must be one of {', '.join(SIGMAS)}, got {config.sample.sigma!r}")
     if not isinstance(config.sample.num, int) or config.sample.num < 1:
@@ -241,7 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 bar.update(n)
                 bar.set_postfix(loss=f"{epoch_loss_sum / (in_epoch + n):.4f}")
                 if step % steps_per_epoch:
-                    if step // every > (step - n) // every:
+                    if step // every > (step - n) // every:  # at the first chunk end past a multiple
                         save()
                     continue
 
