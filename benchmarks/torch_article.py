@@ -12,7 +12,6 @@ data; images/s is the median over the timed steps.
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
