@@ -48,6 +48,10 @@ def _one_line(e: BaseException) -> str:
 def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
     """Parses the absl flags, then runs main(); expected errors exit 2 with one line."""
     argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+        print((sys.modules["__main__"].__doc__ or "").strip() + "\n")
+        print(flags.FLAGS.main_module_help())
+        sys.exit(0)
     try:
         rest = flags.FLAGS(argv)
         for name in list(flags.FLAGS):

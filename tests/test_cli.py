@@ -253,6 +253,12 @@ def test_sample_errors(env, trained, tmp_path):
     assert not (tmp_path / "y.npz").exists()
 
 
+@pytest.mark.parametrize("script,flag", [("train.py", "--config"), ("sample.py", "--ckpt")])
+def test_help(env, script, flag):
+    result = ok(run(env, script, "--help", mock=False))
+    assert flag in result.stdout and "python" in result.stdout
+
+
 @pytest.mark.parametrize("args,words", [
     (["--config.train.nonexistent=3"], ["nonexistent"]),
     (["--config.train.batch_size=lots"], ["batch_size"]),
