@@ -61,20 +61,23 @@ def main():
     from ddpm_jax.checkpoint import load_checkpoint
     from ddpm_jax.data import from_model_range
     from ddpm_jax.models import create_model
+    from ddpm_jax.parallel import batch_sharding, make_mesh, replicated
     from ddpm_jax.sampling import sample_batched
     from ddpm_jax.schedule import make_schedule
 
     config, params, meta = load_checkpoint(FLAGS.ckpt, FLAGS.which)
+    mesh = make_mesh()  # every local device takes a slice of each batch
+    params = jax.device_put(params, replicated(mesh))
     image_shape = tuple(meta["image_shape"])
     model = create_model(config, image_shape)
     schedule = make_schedule(config.diffusion)
     sigma = FLAGS.sigma or config.sample.sigma
     print(f"Sampling {FLAGS.num} images from {meta['checkpoint_dir']} (sigma^2 = {sigma}, "
-          f"{schedule.n_steps} steps) on {jax.devices()[0].platform}")
+          f"{schedule.n_steps} steps) on {mesh.size} {jax.devices()[0].platform} device(s)")
     x0, frames = sample_batched(model.apply, {"params": params}, schedule, jax.random.key(FLAGS.seed), FLAGS.num,
                                 image_shape, batch_size=FLAGS.batch, sigma=sigma,
                                 num_frames=FLAGS.frames if FLAGS.gif else 0, frames_for=GIF_SAMPLES,
-                                progress=FLAGS.progress)
+                                progress=FLAGS.progress, batch_sharding=batch_sharding(mesh) if mesh.size > 1 else None)
     try:
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -25,6 +25,7 @@ RESUMABLE_FIELDS = frozenset({
     "data.data_dir",
     "data.manual_dir",
     "sample",
+    "distributed",
 })
 
 
@@ -62,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3  # the latest N are kept, and the best by epoch loss
     config.train.sample_every_epochs = 0  # 0 = never; else write a grid of samples every N epochs
     config.train.progress = True  # tqdm progress bar
+
+    config.distributed = ml_collections.ConfigDict()  # several hosts; see README "Scaling out"
+    config.distributed.coordinator_address = ""  # e.g. '10.0.0.1:1234'; '' = single host (or JAX_COORDINATOR_ADDRESS)
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
 
     config.sample = ml_collections.ConfigDict()
     config.sample.sigma = "beta"  # 'beta' (the article's) or 'beta_tilde'

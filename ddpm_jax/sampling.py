@@ -108,27 +108,35 @@ def sample(eps_fn: EpsFn, params, schedule: Schedule, keys: jax.Array, image_sha
 
 def sample_batched(eps_fn: EpsFn, params, schedule: Schedule, key: jax.Array, num: int,
                    image_shape: tuple[int, int, int], *, batch_size: int, sigma: str = "beta",
-                   num_frames: int = 0, frames_for: int = 100, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   num_frames: int = 0, frames_for: int = 100, progress: bool = False,
+                   batch_sharding=None) -> tuple[np.ndarray, np.ndarray]:
     """`num` samples drawn `batch_size` at a time (to bound memory); sample i uses fold_in(key, i),
     so the result does not depend on batch_size.
 
     Returns numpy (x0, frames): x0 (num, H, W, C) float32; frames (num_frames,
     min(num, frames_for), H, W, C), the trajectory of the first `frames_for`
     samples. Every batch has the same shape (the last is padded with extra
-    samples, then cut), so the sampler compiles at most twice.
+    samples, then cut), so the sampler compiles at most twice. `batch_sharding`
+    (see parallel.py) spreads each batch over the devices; the batch is then
+    rounded up to a multiple of their number.
     """
     if num < 1 or batch_size < 1:
         raise UserError(f"need at least one sample and a batch size >= 1, got num={num}, batch={batch_size}")
     from tqdm.auto import tqdm
 
     batch_size = min(batch_size, num)
+    if batch_sharding is not None:
+        devices = batch_sharding.mesh.size
+        batch_size = -(-batch_size // devices) * devices
     samples, trajectories = [], []
     with tqdm(total=num, unit="img", desc="Sampling", disable=not progress, leave=False) as bar:
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
             record = num_frames if start < frames_for else 0
-            x0, frames = sample(eps_fn, params, schedule, sample_keys(key, start, batch_size), image_shape,
-                                sigma=sigma, num_frames=record)
+            keys = sample_keys(key, start, batch_size)
+            if batch_sharding is not None:
+                keys = jax.device_put(keys, batch_sharding)
+            x0, frames = sample(eps_fn, params, schedule, keys, image_shape, sigma=sigma, num_frames=record)
             samples.append(np.asarray(x0[:count]))
             if record:
                 trajectories.append(np.asarray(frames[:, :min(count, frames_for - start)]))

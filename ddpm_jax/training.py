@@ -77,21 +77,23 @@ def epoch_permutation(data_key: jax.Array, epoch: int | jnp.ndarray, num_example
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
 
 
-def _batch(images: jnp.ndarray, order: jnp.ndarray, index, batch_size: int) -> jnp.ndarray:
-    """Batch `index` of the epoch's order, as float32 in [-1, 1]: (batch_size, H, W, C)."""
+def _batch(images: jnp.ndarray, order: jnp.ndarray, index, batch_size: int, sharding) -> jnp.ndarray:
+    """Batch `index` of the epoch's order, as float32 in [-1, 1]: (batch_size, H, W, C),
+    split over the devices by `sharding` (None: wherever XLA puts it)."""
     indices = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
-    return to_model_range(images[indices])
+    x0 = to_model_range(images[indices])
+    return x0 if sharding is None else jax.lax.with_sharding_constraint(x0, sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0,))
-def _train_batch(state, images, order, batch_index, key, *, batch_size):
-    return _train_step(state, _batch(images, order, batch_index, batch_size), key)
+@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding"), donate_argnums=(0,))
+def _train_batch(state, images, order, batch_index, key, *, batch_size, batch_sharding):
+    return _train_step(state, _batch(images, order, batch_index, batch_size, batch_sharding), key)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=(0,))
-def _train_scan(state, images, order, first_batch, key, *, num_steps, batch_size):
+@functools.partial(jax.jit, static_argnames=("num_steps", "batch_size", "batch_sharding"), donate_argnums=(0,))
+def _train_scan(state, images, order, first_batch, key, *, num_steps, batch_size, batch_sharding):
     def body(state, batch_index):
-        return _train_step(state, _batch(images, order, batch_index, batch_size), key)
+        return _train_step(state, _batch(images, order, batch_index, batch_size, batch_sharding), key)
 
     return jax.lax.scan(body, state, first_batch + jnp.arange(num_steps))
 
@@ -105,20 +107,23 @@ def scan_by_default() -> bool:
 
 
 def train_chunk(state: TrainState, images: jnp.ndarray, order: jnp.ndarray, first_batch, key: jax.Array, *,
-                num_steps: int, batch_size: int, scan: bool | None = None) -> tuple[TrainState, jnp.ndarray]:
-    """`num_steps` consecutive steps with the data already on the device.
+                num_steps: int, batch_size: int, scan: bool | None = None,
+                batch_sharding=None) -> tuple[TrainState, jnp.ndarray]:
+    """`num_steps` consecutive steps with the data already on the device(s).
 
     images: (N, H, W, C) uint8, the whole training set; order: (N,) the epoch's
     permutation; the chunk trains on batches first_batch .. first_batch + num_steps - 1
     of that order. With scan=True (default on accelerators) the chunk is one
-    compiled `lax.scan`; otherwise a loop of jitted steps. Both compute the same
-    thing. Returns the new state (the input state's buffers are donated) and the
-    losses, shape (num_steps,).
+    compiled `lax.scan`; otherwise a loop of jitted steps; the two agree to float
+    rounding. `batch_sharding` (see parallel.py) splits each batch over devices,
+    with state, images and order replicated. Returns the new state (the input
+    state's buffers are donated) and the losses, shape (num_steps,).
     """
+    static = dict(batch_size=batch_size, batch_sharding=batch_sharding)
     if scan if scan is not None else scan_by_default():
-        return _train_scan(state, images, order, first_batch, key, num_steps=num_steps, batch_size=batch_size)
+        return _train_scan(state, images, order, first_batch, key, num_steps=num_steps, **static)
     losses = []
     for i in range(num_steps):
-        state, loss = _train_batch(state, images, order, first_batch + i, key, batch_size=batch_size)
+        state, loss = _train_batch(state, images, order, first_batch + i, key, **static)
         losses.append(loss)
     return state, jnp.stack(losses)

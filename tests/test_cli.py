@@ -195,6 +195,32 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(env, trained, tmp_path):
     assert_same_params(params_of(workdir)[0], params_of(reference)[0])
 
 
+def test_four_devices_train_and_sample_like_one(env, trained, tmp_path):
+    reference, _ = trained
+    four = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    workdir = tmp_path / "four"
+    ok(run(four, "train.py", *TINY, f"--workdir={workdir}", "--config.train.max_steps=8"))
+    ours, meta = params_of(workdir)
+    theirs, their_meta = params_of(reference / "checkpoints" / "8")
+    assert meta["checkpoint_step"] == their_meta["checkpoint_step"] == 8
+    # The gradient all-reduce sums in another order; Adam normalises each coordinate's
+    # step (about lr = 1e-3), so float-rounding differences can move a parameter by a
+    # fraction of one step: allow a third of it.
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=3e-4)
+    ours_loss = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    theirs_loss = json.loads((reference / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert ours_loss == pytest.approx(theirs_loss, rel=1e-4)
+    outs = {}
+    for name, e in (("one", env), ("four", four)):
+        outs[name] = tmp_path / f"{name}.npz"
+        result = ok(run(e, "sample.py", f"--ckpt={reference}", "--num=6", "--batch=6", f"--out={outs[name]}",
+                        "--grid=", "--noprogress", mock=False))
+        assert (f"on {4 if name == 'four' else 1} cpu device" in result.stdout), result.stdout
+    one, four_samples = (np.load(outs[k])["arr_0"].astype(int) for k in ("one", "four"))
+    assert np.abs(one - four_samples).max() <= 1 and np.mean(one == four_samples) > 0.99
+
+
 def test_a_different_run_config_is_refused_and_nothing_touched(env, trained, tmp_path):
     reference, _ = trained
     workdir = tmp_path / "copy"
