@@ -5,11 +5,11 @@ import json
 import sys
 import tempfile
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from tiny_model import TinyEpsNet
 
 from ddpm_jax import checkpoint
 from ddpm_jax.config import base_config
@@ -18,16 +18,6 @@ from ddpm_jax.schedule import linear_beta_schedule
 from ddpm_jax.training import _batch, create_optimizer, create_train_state, epoch_permutation, run_keys, train_chunk
 
 BATCH = 8
-
-
-class TinyEpsNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, t):
-        emb = nn.Dense(8)(jnp.stack([jnp.sin(t / 10.0), jnp.cos(t / 10.0)], -1))
-        h = nn.silu(nn.Conv(8, (3, 3))(x) + emb[:, None, None, :])
-        return nn.Conv(x.shape[-1], (3, 3))(h)
-
-
 MODEL = TinyEpsNet()
 TX = create_optimizer(ml_collections.ConfigDict({"name": "adam", "learning_rate": 3e-3}))
 

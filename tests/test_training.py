@@ -1,9 +1,10 @@
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+from tiny_model import TinyEpsNet
 
 from ddpm_jax.data import to_model_range
 from ddpm_jax.schedule import linear_beta_schedule
@@ -12,17 +13,6 @@ from ddpm_jax.training import (create_optimizer, create_train_state, epoch_permu
 
 IMAGE_SHAPE = (8, 8, 1)
 BATCH = 8
-
-
-class TinyEpsNet(nn.Module):
-    """A small time-conditioned conv net: the training machinery does not care which model it trains."""
-
-    @nn.compact
-    def __call__(self, x, t):
-        emb = nn.Dense(8)(jnp.stack([jnp.sin(t / 10.0), jnp.cos(t / 10.0)], -1))
-        h = nn.silu(nn.Conv(8, (3, 3))(x) + emb[:, None, None, :])
-        h = nn.silu(nn.Conv(8, (3, 3))(h))
-        return nn.Conv(x.shape[-1], (3, 3))(h)
 
 
 def synthetic_images(n=64, seed=0):
