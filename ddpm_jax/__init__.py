@@ -3,7 +3,7 @@
 The pieces, importable from the top level (loaded on first use, so that
 `import ddpm_jax` stays cheap for the CLIs):
 
-    schedule:   Schedule, linear_beta_schedule, schedule_from_betas, make_schedule,
+    schedule:   Schedule, linear_beta_schedule, cosine_beta_schedule, schedule_from_betas, make_schedule,
                 q_sample, predict_x0, posterior_mean, reverse_mean
     models:     ArticleUNet, article_sinusoidal_table, create_model
     training:   TrainState, run_keys, create_optimizer, create_train_state, diffusion_loss,
@@ -22,7 +22,7 @@ import importlib
 from ddpm_jax.errors import UserError
 
 _EXPORTS = {
-    "schedule": ["Schedule", "linear_beta_schedule", "schedule_from_betas", "make_schedule", "q_sample",
+    "schedule": ["Schedule", "linear_beta_schedule", "cosine_beta_schedule", "schedule_from_betas", "make_schedule", "q_sample",
                  "predict_x0", "posterior_mean", "reverse_mean"],
     "models": ["ArticleUNet", "article_sinusoidal_table", "create_model"],
     "training": ["TrainState", "run_keys", "create_optimizer", "create_train_state", "diffusion_loss", "train_step",

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.manual_dir = ""  # folder with the official .gz archives, for machines without internet
 
     config.diffusion = ml_collections.ConfigDict()
-    config.diffusion.schedule = "linear"
+    config.diffusion.schedule = "linear"  # or 'cosine' (Nichol & Dhariwal 2021; ignores beta_min/beta_max)
     config.diffusion.n_steps = 1000
     config.diffusion.beta_min = 1e-4
     config.diffusion.beta_max = 0.02

@@ -4,8 +4,8 @@ Notation follows Ho et al. (2020): beta_t, alpha_t = 1 - beta_t,
 alpha_bar_t = prod_{s<=t} alpha_s, with t = 0 .. T-1 (0-based, as in the article's code).
 Every array is computed in float64 NumPy and stored as float32, so the
 constants are exact to float32 rounding whatever the length of the product.
-A new schedule (e.g. cosine) only needs to produce betas: `schedule_from_betas`
-derives the rest.
+A schedule only needs to produce betas (`linear_beta_schedule`,
+`cosine_beta_schedule`): `schedule_from_betas` derives the rest.
 """
 
 from __future__ import annotations
@@ -76,12 +76,28 @@ def linear_beta_schedule(n_steps: int = 1000, beta_min: float = 1e-4, beta_max: 
     return schedule_from_betas(np.linspace(beta_min, beta_max, n_steps, dtype=np.float64))
 
 
+def cosine_beta_schedule(n_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+    """Nichol & Dhariwal (2021), eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2),
+    beta_t = 1 - alpha_bar(t+1) / alpha_bar(t) for t = 0 .. T-1, clipped at max_beta (the last one is)."""
+    if n_steps < 1:
+        raise UserError(f"n_steps must be >= 1, got {n_steps}")
+
+    def f(t):
+        return np.cos((t / n_steps + s) / (1 + s) * np.pi / 2) ** 2
+
+    t = np.arange(n_steps + 1, dtype=np.float64)
+    alpha_bar = f(t) / f(0.0)
+    return schedule_from_betas(np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta))
+
+
 def make_schedule(diffusion_config) -> Schedule:
-    """The schedule a config's `diffusion` section names."""
+    """The schedule a config's `diffusion` section names ('linear' uses beta_min/beta_max)."""
     name = diffusion_config.schedule
     if name == "linear":
         return linear_beta_schedule(diffusion_config.n_steps, diffusion_config.beta_min, diffusion_config.beta_max)
-    raise UserError(f"unknown diffusion.schedule {name!r}: use 'linear'")
+    if name == "cosine":
+        return cosine_beta_schedule(diffusion_config.n_steps)
+    raise UserError(f"unknown diffusion.schedule {name!r}: use 'linear' or 'cosine'")
 
 
 def _at(values: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:

@@ -1,10 +1,11 @@
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ddpm_jax.errors import UserError
-from ddpm_jax.schedule import (linear_beta_schedule, posterior_mean, predict_x0, q_sample,
+from ddpm_jax.schedule import (cosine_beta_schedule, linear_beta_schedule, make_schedule, posterior_mean, predict_x0, q_sample,
                                reverse_mean, schedule_from_betas)
 
 
@@ -73,3 +74,25 @@ def test_x0_estimate_inverts_q_sample_and_reverse_mean_is_posterior_mean(schedul
 def test_bad_betas_are_refused(betas):
     with pytest.raises(UserError):
         schedule_from_betas(betas)
+
+
+def test_cosine_schedule_golden_values():
+    # Nichol & Dhariwal (2021) eq. 17 with s = 0.008, T = 1000, betas clipped at 0.999.
+    schedule = cosine_beta_schedule(1000)
+    np.testing.assert_allclose(schedule.betas[0], 4.1284e-5, rtol=1e-3)
+    np.testing.assert_allclose(schedule.betas[499], 0.0031459, rtol=1e-3)
+    np.testing.assert_allclose(schedule.betas[998], 0.75, rtol=1e-3)
+    np.testing.assert_allclose(schedule.betas[999], 0.999, rtol=1e-6)  # clipped
+    np.testing.assert_allclose(schedule.alpha_bars[499], 0.49384, rtol=1e-3)  # about half-way at T/2
+    assert float(schedule.posterior_variance[0]) == 0.0
+    assert np.all(np.diff(np.asarray(schedule.alpha_bars)) < 0)
+
+
+def test_make_schedule_names():
+    config = ml_collections.ConfigDict({"schedule": "cosine", "n_steps": 100, "beta_min": 1e-4, "beta_max": 0.02})
+    np.testing.assert_array_equal(make_schedule(config).betas, cosine_beta_schedule(100).betas)
+    config.schedule = "linear"
+    np.testing.assert_array_equal(make_schedule(config).betas, linear_beta_schedule(100).betas)
+    config.schedule = "sigmoid"
+    with pytest.raises(UserError, match="cosine"):
+        make_schedule(config)
