@@ -231,7 +231,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 if bar is None:
                     bar = tqdm(total=steps_per_epoch, initial=in_epoch, leave=False, unit="step",
-                               desc=f"Epoch {epoch + 1}/{config.train.num_epochs}", disable=not (config.train.progress and lead))
+                               desc=f"Epoch {epoch + 1}/{config.train.num_epochs}",
+                               disable=not (config.train.progress and lead))
                 # Chunks are steps_per_chunk long, counted from the epoch's start, cut short
                 # only by the epoch's end and max_steps: two or three shapes to compile.
                 n = min(chunk - in_epoch % chunk, steps_per_epoch - in_epoch, total_steps - step)
@@ -268,7 +269,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 tqdm.write(f"Loss at epoch {epoch + 1}: {epoch_loss:.3f}"
                            + (" --> Best model ever (stored)" if is_best else ""))
                 if config.train.sample_every_epochs and (epoch + 1) % config.train.sample_every_epochs == 0:
-                    _save_sample_grid(config, model, state, image_shape, workdir, epoch + 1, lead)
+                    _save_sample_grid(config, model, state, image_shape, workdir, epoch + 1, keys["sample"], lead)
                 if step < total_steps:
                     order = epoch_permutation(keys["data"], epoch + 1, num_examples)
                 epoch_start, epoch_steps_run = time.monotonic(), 0
@@ -298,9 +299,10 @@ def _nan_message(step: int, what: str, manager) -> str:
     return f"{what} at step {step}; training stopped and {kept}; lower --config.optim.learning_rate or check the data"
 
 
-def _save_sample_grid(config, model, state, image_shape, workdir, epoch, lead) -> None:
-    key = jax.random.fold_in(run_keys(jax.random.key(config.seed))["sample"], epoch)
-    x0, _ = sample(model.apply, {"params": state.params}, state.schedule, sample_keys(key, 0, config.sample.num),
-                   image_shape, sigma=config.sample.sigma)
+def _save_sample_grid(config, model, state, image_shape, workdir, epoch, sample_key, lead) -> None:
+    # The pictures' stream; fold_in(., i < 4) noises forward.png, so the grids start past it.
+    keys = sample_keys(jax.random.fold_in(sample_key, 1000 + epoch), 0, config.sample.num)
+    x0, _ = sample(model.apply, {"params": state.params}, state.schedule, keys, image_shape,
+                   sigma=config.sample.sigma)
     if lead:  # every host samples (the program is global), one writes
         viz.save_grid(os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"), np.asarray(x0))

@@ -85,15 +85,17 @@ def _batch(images: jnp.ndarray, order: jnp.ndarray, index, batch_size: int, shar
     return x0 if sharding is None else jax.lax.with_sharding_constraint(x0, sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding"), donate_argnums=(0,))
-def _train_batch(state, images, order, batch_index, key, *, batch_size, batch_sharding):
+def _step_on_batch(state, images, order, batch_index, key, batch_size, batch_sharding):
     return _train_step(state, _batch(images, order, batch_index, batch_size, batch_sharding), key)
+
+
+_train_batch = jax.jit(_step_on_batch, static_argnames=("batch_size", "batch_sharding"), donate_argnums=(0,))
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "batch_size", "batch_sharding"), donate_argnums=(0,))
 def _train_scan(state, images, order, first_batch, key, *, num_steps, batch_size, batch_sharding):
     def body(state, batch_index):
-        return _train_step(state, _batch(images, order, batch_index, batch_size, batch_sharding), key)
+        return _step_on_batch(state, images, order, batch_index, key, batch_size, batch_sharding)
 
     return jax.lax.scan(body, state, first_batch + jnp.arange(num_steps))
 
