@@ -2,6 +2,8 @@
 
     python sample.py --ckpt runs/fashion                      # 100 samples -> samples.npz + samples.png
     python sample.py --ckpt runs/fashion --gif sampling.gif   # and the GIF of the reverse process
+    python sample.py --ckpt runs/fashion --sampler ddim --steps 50    # 20x fewer steps
+    python sample.py --ckpt runs/fashion_cond --label sneaker --guidance 2   # a conditional model's class
 
 --ckpt takes a workdir, its checkpoints/ folder, or one checkpoints/<step> folder;
 the checkpoint carries its config, so nothing else is needed.
@@ -17,7 +19,20 @@ flags.DEFINE_string("ckpt", None, "A workdir, its checkpoints/ folder, or one ch
 flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint of a workdir: best epoch loss or latest.")
 flags.DEFINE_integer("num", 100, "Number of samples.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same samples.")
-flags.DEFINE_enum("sigma", None, ["beta", "beta_tilde"], "Reverse-process variance (default: the checkpoint config's).")
+flags.DEFINE_enum("weights", "auto", ["auto", "ema", "raw"],
+                  "Which parameters: the EMA (ema), the trained ones (raw), or the EMA when the run kept one (auto).")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Reverse process: ddpm (Algorithm 2) or ddim "
+                  "(default: the checkpoint config's).")
+flags.DEFINE_integer("steps", None, "Reverse steps, evenly respaced; 0 = all of the model's steps "
+                     "(default: the checkpoint config's).", lower_bound=0)
+flags.DEFINE_float("eta", None, "DDIM noise: 0 = deterministic, 1 = DDPM-like (default: the config's).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("sigma", None, ["beta", "beta_tilde"], "DDPM reverse-process variance (default: the config's).")
+flags.DEFINE_bool("clip_x0", None, "Clip the x0 estimate to [-1, 1] at every step (default: the config's).")
+flags.DEFINE_string("label", None, "Conditional models: the class to draw, by index or name ('7', 'sneaker'), "
+                    "or 'none' for unconditional samples; default: one row per class.")
+flags.DEFINE_float("guidance", None, "Conditional models: classifier-free guidance weight w, "
+                   "eps = (1 + w) eps(x, y) - w eps(x) (default: the config's).", lower_bound=0.0)
 flags.DEFINE_string("out", "samples.npz", "Samples as uint8 NHWC under key arr_0 ('' to skip).")
 flags.DEFINE_string("grid", "samples.png", "A PNG grid of the samples ('' to skip).")
 flags.DEFINE_enum("display", "clip", ["clip", "minmax"],
@@ -58,39 +73,52 @@ def main():
     import numpy as np
 
     from ddpm_jax import viz
-    from ddpm_jax.checkpoint import load_checkpoint
     from ddpm_jax.data import from_model_range
-    from ddpm_jax.models import create_model
-    from ddpm_jax.parallel import batch_sharding, make_mesh, replicated
-    from ddpm_jax.sampling import sample_batched
-    from ddpm_jax.schedule import make_schedule
+    from ddpm_jax.generate import generate, load_trained, sample_options
+    from ddpm_jax.parallel import make_mesh
 
-    config, params, meta = load_checkpoint(FLAGS.ckpt, FLAGS.which)
+    trained = load_trained(FLAGS.ckpt, FLAGS.which, FLAGS.weights)
+    labels, cols = _labels(trained)
+    options = sample_options(trained.config, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+                             sigma=FLAGS.sigma, clip_x0=FLAGS.clip_x0, guidance=FLAGS.guidance)
+    if options["steps"] > trained.schedule.n_steps:
+        cli.fail(f"--steps {options['steps']} is more than the model's {trained.schedule.n_steps} steps")
     mesh = make_mesh()  # every local device takes a slice of each batch
-    params = jax.device_put(params, replicated(mesh))
-    image_shape = tuple(meta["image_shape"])
-    model = create_model(config, image_shape)
-    schedule = make_schedule(config.diffusion)
-    sigma = FLAGS.sigma or config.sample.sigma
-    print(f"Sampling {FLAGS.num} images from {meta['checkpoint_dir']} (sigma^2 = {sigma}, "
-          f"{schedule.n_steps} steps) on {mesh.size} {jax.devices()[0].platform} device(s)")
-    x0, frames = sample_batched(model.apply, {"params": params}, schedule, jax.random.key(FLAGS.seed), FLAGS.num,
-                                image_shape, batch_size=FLAGS.batch, sigma=sigma,
-                                num_frames=FLAGS.frames if FLAGS.gif else 0, frames_for=GIF_SAMPLES,
-                                progress=FLAGS.progress, batch_sharding=batch_sharding(mesh) if mesh.size > 1 else None)
+    steps = options["steps"] or trained.schedule.n_steps
+    print(f"Sampling {FLAGS.num} images from {trained.meta['checkpoint_dir']} ({trained.weights} weights, "
+          f"{options['sampler']}, {steps} steps) on {mesh.size} {jax.devices()[0].platform} device(s)")
+    x0, frames = generate(trained, num=FLAGS.num, seed=FLAGS.seed, labels=labels, batch_size=FLAGS.batch,
+                          num_frames=min(FLAGS.frames, steps) if FLAGS.gif else 0, frames_for=GIF_SAMPLES,
+                          progress=FLAGS.progress, mesh=mesh, **options)
     try:
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             np.savez(out, arr_0=from_model_range(x0, clip=True))
             print(f"Wrote {out} ({FLAGS.num} images, uint8 NHWC, key arr_0)")
         if FLAGS.grid:
-            viz.save_grid(FLAGS.grid, x0, display=FLAGS.display)
+            viz.save_grid(FLAGS.grid, x0, display=FLAGS.display, cols=cols)
             print(f"Wrote {FLAGS.grid}")
         if FLAGS.gif:
             viz.save_gif(FLAGS.gif, frames)
             print(f"Wrote {FLAGS.gif} ({frames.shape[0]} frames of {frames.shape[1]} samples)")
     except OSError as e:
         cli.fail(f"could not write {e.filename or 'an output'}: {e.strerror or e}; choose another output path")
+
+
+def _labels(trained):
+    """(labels or None, grid columns or None) that --label asks of this model."""
+    from ddpm_jax.data import label_index
+    from ddpm_jax.generate import class_rows
+
+    if not trained.num_classes:
+        if FLAGS.label not in (None, "none"):
+            cli.fail("--label needs a class-conditional model; this one is unconditional")
+        return None, None
+    if FLAGS.label == "none":
+        return None, None
+    if FLAGS.label is None:
+        return class_rows(FLAGS.num, trained.num_classes)
+    return [label_index(FLAGS.label, trained.config.data.name)] * FLAGS.num, None
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from ddpm_jax.config import config_from_dict
 from ddpm_jax.errors import UserError
 
 __all__ = [
@@ -525,7 +526,7 @@ def load_checkpoint(path: str, which: str = "best") -> tuple[ml_collections.Conf
     finally:
         manager.close()
     meta = dict(meta)
-    config = ml_collections.ConfigDict(meta["config"])
+    config = config_from_dict(meta["config"])
     meta["checkpoint_step"] = step
     meta["checkpoint_dir"] = os.path.join(directory, str(step))
     if "ema_params" in state:

@@ -46,8 +46,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.diffusion.beta_max = 0.02
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "article_unet"
-    config.model.time_emb_dim = 100
+    config.model.name = "article_unet"  # 'article_unet', 'article_unet_fixed' or 'unet' (see models/)
+    config.model.time_emb_dim = 100  # article_unet*: width of the article's time table
+    config.model.num_classes = 0  # > 0: class-conditional on labels 0..num_classes-1 (label num_classes = none)
+    # 'unet' only (residual blocks, GroupNorm, attention; see models/unet.py):
+    config.model.channels = 32
+    config.model.channel_mults = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attention_resolutions = (7,)  # feature-map sizes (H) with self-attention
+    config.model.dropout = 0.1
+    config.model.num_groups = 8  # GroupNorm groups
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adam"
@@ -63,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3  # the latest N are kept, and the best by epoch loss
     config.train.sample_every_epochs = 0  # 0 = never; else write a grid of samples every N epochs
     config.train.progress = True  # tqdm progress bar
+    config.train.ema_decay = 0.0  # 0 = no EMA; else EMA of the parameters, decay min(d, (1 + n) / (10 + n))
+    config.train.label_dropout = 0.1  # conditional models: share of labels replaced by 'none' (for guidance)
 
     config.distributed = ml_collections.ConfigDict()  # several hosts; see README "Scaling out"
     config.distributed.coordinator_address = ""  # e.g. '10.0.0.1:1234'; '' = single host (or JAX_COORDINATOR_ADDRESS)
@@ -70,9 +80,28 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed.process_id = -1
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.sigma = "beta"  # 'beta' (the article's) or 'beta_tilde'
+    config.sample.sigma = "beta"  # ddpm: 'beta' (the article's) or 'beta_tilde'
     config.sample.num = 100
+    config.sample.sampler = "ddpm"  # 'ddpm' (Algorithm 2) or 'ddim' (Song et al. 2021)
+    config.sample.steps = 0  # reverse steps; 0 = all n_steps, fewer = evenly respaced
+    config.sample.eta = 0.0  # ddim: 0 = deterministic, 1 = DDPM-like noise
+    config.sample.clip_x0 = False  # clip the x0 estimate to [-1, 1] at every step
+    config.sample.guidance = 0.0  # conditional models: classifier-free guidance weight w (0 = none)
     return config
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A config rebuilt from its JSON form (a checkpoint's); fields added to base_config()
+    after it was written take their defaults, which reproduce what the older code did."""
+
+    def merge(defaults: dict, values: dict) -> dict:
+        out = dict(defaults)
+        for key, value in values.items():
+            both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            out[key] = merge(defaults[key], value) if both_dicts else value
+        return out
+
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -94,9 +123,14 @@ def run_defining_differences(saved: dict, current: dict) -> list[str]:
     """The run-defining fields whose values differ, as 'name: saved -> current' strings."""
     # Through JSON both ways: the saved config has been (tuples come back as lists).
     a, b = (_flatten(json.loads(json.dumps(c))) for c in (saved, current))
+    # A field added after the checkpoint was written means what the older code
+    # did exactly when it holds its default: such runs still resume.
+    defaults = _flatten(json.loads(json.dumps(base_config().to_dict())))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if _is_resumable(key):
+            continue
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
             continue
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             diffs.append(f"{key}: {a.get(key, '<missing>')!r} -> {b.get(key, '<missing>')!r}")

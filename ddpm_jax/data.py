@@ -122,6 +122,24 @@ def class_names(name: str) -> list[str]:
     return list(builder.info.features[label_key].names)
 
 
+def label_index(label: str, name: str) -> int:
+    """A class of dataset `name` as its index, from the index ('7') or its name, any case, with or
+    without punctuation ('sneaker', 'Ankle boot', 'ankle_boot', 't-shirt'); UserError otherwise."""
+    names = class_names(name)
+    if label.strip().isdigit() and int(label) < len(names):
+        return int(label)
+
+    def squash(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    wanted = squash(label)
+    for index, full in enumerate(names):
+        if wanted and (wanted == squash(full) or wanted in (squash(part) for part in full.split("/"))):
+            return index
+    raise UserError(f"unknown {name} label {label!r}: use 0..{len(names) - 1} or one of "
+                    + ", ".join(repr(n) for n in names))
+
+
 def load_split(
     name: str, split: str = "train", *, data_dir: str = "", manual_dir: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:

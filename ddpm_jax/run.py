@@ -34,7 +34,7 @@ from ddpm_jax.data import load_split, to_model_range
 from ddpm_jax.errors import UserError
 from ddpm_jax.models import create_model
 from ddpm_jax.parallel import batch_sharding, check_divisible, initialize_distributed, make_mesh, replicated
-from ddpm_jax.sampling import SIGMAS, sample, sample_keys
+from ddpm_jax.sampling import SAMPLERS, SIGMAS, sample, sample_keys
 from ddpm_jax.schedule import make_schedule, q_sample
 from ddpm_jax.training import (TrainState, create_optimizer, create_train_state, epoch_permutation, run_keys,
                                train_chunk)
@@ -63,17 +63,38 @@ def check_train_config(config) -> None:
                              ("train.sample_every_epochs", t.sample_every_epochs, 0)):
         if not isinstance(value, int) or value < low:
             raise UserError(f"--config.{name} must be an integer >= {low}, got {value!r}")
-    if config.sample.sigma not in SIGMAS:
-        raise UserError(f"--config.sample.sigma must be one of {', '.join(SIGMAS)}, got {config.sample.sigma!r}")
-    if not isinstance(config.sample.num, int) or config.sample.num < 1:
-        raise UserError(f"--config.sample.num must be an integer >= 1, got {config.sample.num!r}")
+    check_sample_config(config)
+    m = config.model
+    if not isinstance(m.num_classes, int) or m.num_classes < 0:
+        raise UserError(f"--config.model.num_classes must be an integer >= 0, got {m.num_classes!r}")
+
+
+def check_sample_config(config) -> None:
+    """The `config.sample` fields, checked once (sample.py's flags override them)."""
+    s = config.sample
+    if s.sigma not in SIGMAS:
+        raise UserError(f"--config.sample.sigma must be one of {', '.join(SIGMAS)}, got {s.sigma!r}")
+    if s.sampler not in SAMPLERS:
+        raise UserError(f"--config.sample.sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+    if not isinstance(s.num, int) or s.num < 1:
+        raise UserError(f"--config.sample.num must be an integer >= 1, got {s.num!r}")
+    if not isinstance(s.steps, int) or not 0 <= s.steps <= config.diffusion.n_steps:
+        raise UserError(f"--config.sample.steps must be an integer from 0 (all) to diffusion.n_steps "
+                        f"({config.diffusion.n_steps}), got {s.steps!r}")
+    if not 0.0 <= s.eta <= 1.0:
+        raise UserError(f"--config.sample.eta must lie in [0, 1], got {s.eta!r}")
+    if s.guidance < 0:
+        raise UserError(f"--config.sample.guidance must be >= 0, got {s.guidance!r}")
 
 
 def _checkpoint_tree(state: TrainState, root_key: jax.Array) -> dict:
     """What a checkpoint stores of the state: the schedule is rebuilt from the config,
     every random stream is derived from the root key."""
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+    tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
             "rng": jax.random.key_data(root_key)}
+    if state.ema_params is not None:
+        tree["ema_params"] = state.ema_params
+    return tree
 
 
 def _trim_metrics(path: str, last_step: int) -> None:
@@ -157,7 +178,8 @@ def _resume(manager, state: TrainState, root_key):
     if latest is None:
         return state, root_key, math.inf, 0.0
     tree, meta = _read_latest(manager, latest, checkpoint.restore, _checkpoint_tree(state, root_key))
-    state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+    state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"],
+                          ema_params=tree.get("ema_params"))
     best_loss = meta["best_loss"] if meta.get("best_loss") is not None else math.inf
     return state, jax.random.wrap_key_data(tree["rng"]), best_loss, meta["epoch_loss_sum"]
 
@@ -184,8 +206,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     manager = checkpoint.open_manager(workdir, keep=config.train.keep_checkpoints)
     try:
         _check_same_run(manager, config_dict, workdir)  # before the data: it may be another dataset
-        images, _ = load_split(config.data.name, "train", data_dir=config.data.data_dir,
-                               manual_dir=config.data.manual_dir)
+        images, labels = load_split(config.data.name, "train", data_dir=config.data.data_dir,
+                                    manual_dir=config.data.manual_dir)
+        num_classes = config.model.num_classes
+        if num_classes and labels.max() >= num_classes:
+            raise UserError(f"the data has labels up to {labels.max()}, more than --config.model.num_classes="
+                            f"{num_classes} classes; raise it to {labels.max() + 1}")
         num_examples, image_shape = images.shape[0], tuple(images.shape[1:])
         # Each epoch is num_examples // batch_size full batches of a fresh permutation;
         # the remainder (96 images for 60,000 / 128) is left out of that epoch.
@@ -199,7 +225,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         model = create_model(config, image_shape)
         root_key = jax.random.key(config.seed)
         state = create_train_state(model, make_schedule(config.diffusion), create_optimizer(config.optim),
-                                   run_keys(root_key)["init"], image_shape)
+                                   run_keys(root_key)["init"], image_shape, ema_decay=config.train.ema_decay,
+                                   num_classes=num_classes, label_dropout=config.train.label_dropout)
         state = jax.device_put(state, replicated(mesh))  # restored checkpoints take this sharding too
         state, root_key, best_loss, epoch_loss_sum = _resume(manager, state, root_key)
         keys = run_keys(root_key)
@@ -221,6 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with _StopRequest() as stop:
             # uint8 on every device: 47 MB for 60,000 28x28 images; each device takes its slice of a batch.
             device_images = jax.device_put(images, replicated(mesh))
+            device_labels = jax.device_put(labels, replicated(mesh)) if num_classes else None
             split = batch_sharding(mesh) if mesh.size > 1 else None
             order = epoch_permutation(keys["data"], step // steps_per_epoch, num_examples)
             if step == 0 and lead:
@@ -236,8 +264,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 # Chunks are steps_per_chunk long, counted from the epoch's start, cut short
                 # only by the epoch's end and max_steps: two or three shapes to compile.
                 n = min(chunk - in_epoch % chunk, steps_per_epoch - in_epoch, total_steps - step)
-                state, losses = train_chunk(state, device_images, order, in_epoch, keys["train"],
-                                            num_steps=n, batch_size=batch_size, batch_sharding=split)
+                state, losses = train_chunk(state, device_images, order, in_epoch, keys["train"], num_steps=n,
+                                            batch_size=batch_size, labels=device_labels, batch_sharding=split)
                 losses = np.asarray(losses)
                 if not np.all(np.isfinite(losses)):
                     bad = step + int(np.argmin(np.isfinite(losses))) + 1
@@ -300,9 +328,16 @@ def _nan_message(step: int, what: str, manager) -> str:
 
 
 def _save_sample_grid(config, model, state, image_shape, workdir, epoch, sample_key, lead) -> None:
+    """A grid of config.sample.num samples with the config's sampler, from the EMA weights if
+    there are any; a conditional model draws one row per class."""
     # The pictures' stream; fold_in(., i < 4) noises forward.png, so the grids start past it.
     keys = sample_keys(jax.random.fold_in(sample_key, 1000 + epoch), 0, config.sample.num)
-    x0, _ = sample(model.apply, {"params": state.params}, state.schedule, keys, image_shape,
-                   sigma=config.sample.sigma)
+    s, num_classes = config.sample, config.model.num_classes
+    cols = -(-s.num // num_classes) if num_classes else None
+    labels = jnp.arange(s.num) // cols if num_classes else None
+    params = state.ema_params if state.ema_params is not None else state.params
+    x0, _ = sample(model.apply, {"params": params}, state.schedule, keys, image_shape, sampler=s.sampler,
+                   steps=s.steps, sigma=s.sigma, eta=s.eta, clip_x0=s.clip_x0, labels=labels,
+                   guidance=s.guidance if num_classes else 0.0)
     if lead:  # every host samples (the program is global), one writes
-        viz.save_grid(os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"), np.asarray(x0))
+        viz.save_grid(os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"), np.asarray(x0), cols=cols)

@@ -128,3 +128,24 @@ def reverse_mean(schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.
     """Mean of p(x_{t-1} | x_t) from predicted noise (Algorithm 2):
     (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t). Equals posterior_mean(predict_x0(...))."""
     return _at(schedule.sqrt_recip_alphas, t, x_t.ndim) * (x_t - _at(schedule.eps_coefs, t, x_t.ndim) * eps)
+
+
+def respaced_timesteps(n_steps: int, steps: int) -> np.ndarray:
+    """`steps` timesteps spread evenly over [0, T-1], both ends included, ascending:
+    round(linspace(0, T-1, steps)). steps = T gives 0 .. T-1."""
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= n_steps:
+        raise UserError(f"steps must be an integer between 1 and the schedule's {n_steps} steps, got {steps!r}")
+    if steps == 1:
+        return np.array([n_steps - 1], np.int32)
+    return np.round(np.linspace(0, n_steps - 1, steps)).astype(np.int32)
+
+
+def respace(schedule: Schedule, timesteps) -> Schedule:
+    """The schedule of the Markov chain that visits only `timesteps` (ascending): step i
+    goes from timesteps[i] to timesteps[i-1] with beta'_i = 1 - alpha_bar[t_i] / alpha_bar[t_{i-1}]
+    (Nichol & Dhariwal 2021, sec. 4), so alpha_bar'_i = alpha_bar[t_i]. Needs a concrete
+    schedule (call it outside jit); computed in float64 from the stored betas."""
+    timesteps = np.asarray(timesteps)
+    alpha_bars = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[timesteps]
+    alpha_bars_prev = np.concatenate([[1.0], alpha_bars[:-1]])
+    return schedule_from_betas(1.0 - alpha_bars / alpha_bars_prev)

@@ -9,7 +9,10 @@ are grouped into host calls, and a resumed run replays exactly.
 from __future__ import annotations
 
 import functools
+from typing import Any
+
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,12 +24,18 @@ from ddpm_jax.schedule import Schedule, q_sample
 
 
 class TrainState(train_state.TrainState):
-    """params, opt_state and step (from flax), plus the diffusion schedule the loss needs.
+    """params, opt_state and step (from flax), plus the diffusion schedule the loss needs,
+    the EMA of the parameters, and the (static) settings of the loss and the EMA.
 
     The schedule is a pytree of constants: traced, never trained, never checkpointed.
+    ema_params is None when ema_decay = 0.
     """
 
     schedule: Schedule
+    ema_params: Any = None
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+    num_classes: int = flax.struct.field(pytree_node=False, default=0)  # > 0: the model takes labels
+    label_dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
 def run_keys(root_key: jax.Array) -> dict[str, jax.Array]:
@@ -44,32 +53,73 @@ def create_optimizer(optim_config) -> optax.GradientTransformation:
 
 
 def create_train_state(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation,
-                       key: jax.Array, image_shape: tuple[int, int, int]) -> TrainState:
-    """Initialises the model's parameters for images of shape (H, W, C) and the optimizer state."""
-    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32))
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, schedule=schedule)
+                       key: jax.Array, image_shape: tuple[int, int, int], *, ema_decay: float = 0.0,
+                       num_classes: int = 0, label_dropout: float = 0.0) -> TrainState:
+    """Initialises the model's parameters for images of shape (H, W, C) and the optimizer state;
+    the EMA starts at the initial parameters."""
+    if not 0.0 <= ema_decay < 1.0:
+        raise UserError(f"--config.train.ema_decay must lie in [0, 1), got {ema_decay}")
+    if not 0.0 <= label_dropout <= 1.0:
+        raise UserError(f"--config.train.label_dropout must lie in [0, 1], got {label_dropout}")
+    labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32), labels)
+    params = variables["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, schedule=schedule,
+                             ema_params=jax.tree.map(jnp.copy, params) if ema_decay else None,
+                             ema_decay=ema_decay, num_classes=num_classes, label_dropout=label_dropout)
 
 
-def diffusion_loss(params, apply_fn, schedule: Schedule, x0: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
-    """L_simple: MSE between the noise added at a uniform t and the noise the model predicts.  x0: (B, H, W, C)."""
+def ema_decay_at(ema_decay: float, step) -> jnp.ndarray:
+    """The EMA's decay after `step` updates, warmed up: min(ema_decay, (1 + step) / (10 + step)),
+    so the average does not stay anchored at the random initialisation."""
+    return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def diffusion_loss(params, apply_fn, schedule: Schedule, x0: jnp.ndarray, key: jax.Array, labels=None, *,
+                   num_classes: int = 0, label_dropout: float = 0.0) -> jnp.ndarray:
+    """L_simple: MSE between the noise added at a uniform t and the noise the model predicts.
+
+    x0: (B, H, W, C); labels: (B,) int or None. For a conditional model a share
+    `label_dropout` of the labels becomes num_classes ('no label'), which teaches
+    it the unconditional prediction that guidance needs.
+    """
     t_key, noise_key = jax.random.split(key)
     t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.n_steps)
     noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
     x_t = q_sample(schedule, x0, t, noise)
-    eps_pred = apply_fn({"params": params}, x_t, t)
+    # Streams the article's model does not use come from fold_in, so its steps draw exactly as before.
+    dropout_key, label_key = jax.random.split(jax.random.fold_in(key, 1))
+    if labels is not None:
+        dropped = jax.random.bernoulli(label_key, label_dropout, labels.shape)
+        labels = jnp.where(dropped, num_classes, labels)
+    eps_pred = apply_fn({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
     return jnp.mean((eps_pred - noise) ** 2)
 
 
-def _train_step(state: TrainState, x0: jnp.ndarray, key: jax.Array) -> tuple[TrainState, jnp.ndarray]:
+def _train_step(state: TrainState, x0: jnp.ndarray, key: jax.Array, labels=None) -> tuple[TrainState, jnp.ndarray]:
     step_key = jax.random.fold_in(key, state.step)
-    loss, grads = jax.value_and_grad(diffusion_loss)(state.params, state.apply_fn, state.schedule, x0, step_key)
-    return state.apply_gradients(grads=grads), loss
+    loss, grads = jax.value_and_grad(diffusion_loss)(state.params, state.apply_fn, state.schedule, x0, step_key,
+                                                     labels, num_classes=state.num_classes,
+                                                     label_dropout=state.label_dropout)
+    state = state.apply_gradients(grads=grads)
+    if state.ema_params is not None:
+        decay = ema_decay_at(state.ema_decay, state.step)
+        state = state.replace(ema_params=update_ema(state.ema_params, state.params, decay))
+    return state, loss
 
 
 @jax.jit
-def train_step(state: TrainState, x0: jnp.ndarray, key: jax.Array) -> tuple[TrainState, jnp.ndarray]:
-    """One step of Algorithm 1 on a batch x0 (B, H, W, C) in [-1, 1]; `key` is the run's train key."""
-    return _train_step(state, x0, key)
+def train_step(state: TrainState, x0: jnp.ndarray, key: jax.Array, labels=None) -> tuple[TrainState, jnp.ndarray]:
+    """One step of Algorithm 1 on a batch x0 (B, H, W, C) in [-1, 1] (labels (B,) for a conditional
+    model); `key` is the run's train key."""
+    if (labels is None) != (state.num_classes == 0):
+        raise UserError("a conditional model (num_classes > 0) trains on labels, an unconditional one without")
+    return _train_step(state, x0, key, labels)
 
 
 def epoch_permutation(data_key: jax.Array, epoch: int | jnp.ndarray, num_examples: int) -> jnp.ndarray:
@@ -77,25 +127,27 @@ def epoch_permutation(data_key: jax.Array, epoch: int | jnp.ndarray, num_example
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
 
 
-def _batch(images: jnp.ndarray, order: jnp.ndarray, index, batch_size: int, sharding) -> jnp.ndarray:
-    """Batch `index` of the epoch's order, as float32 in [-1, 1]: (batch_size, H, W, C),
-    split over the devices by `sharding` (None: wherever XLA puts it)."""
+def _batch(images: jnp.ndarray, labels, order: jnp.ndarray, index, batch_size: int, sharding):
+    """Batch `index` of the epoch's order: images as float32 in [-1, 1], (batch_size, H, W, C),
+    and their labels (batch_size,) or None, split over the devices by `sharding`
+    (None: wherever XLA puts it)."""
     indices = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
-    x0 = to_model_range(images[indices])
-    return x0 if sharding is None else jax.lax.with_sharding_constraint(x0, sharding)
+    batch = (to_model_range(images[indices]), None if labels is None else labels[indices])
+    return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
 
 
-def _step_on_batch(state, images, order, batch_index, key, batch_size, batch_sharding):
-    return _train_step(state, _batch(images, order, batch_index, batch_size, batch_sharding), key)
+def _step_on_batch(state, images, labels, order, batch_index, key, batch_size, batch_sharding):
+    x0, batch_labels = _batch(images, labels, order, batch_index, batch_size, batch_sharding)
+    return _train_step(state, x0, key, batch_labels)
 
 
 _train_batch = jax.jit(_step_on_batch, static_argnames=("batch_size", "batch_sharding"), donate_argnums=(0,))
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "batch_size", "batch_sharding"), donate_argnums=(0,))
-def _train_scan(state, images, order, first_batch, key, *, num_steps, batch_size, batch_sharding):
+def _train_scan(state, images, labels, order, first_batch, key, *, num_steps, batch_size, batch_sharding):
     def body(state, batch_index):
-        return _step_on_batch(state, images, order, batch_index, key, batch_size, batch_sharding)
+        return _step_on_batch(state, images, labels, order, batch_index, key, batch_size, batch_sharding)
 
     return jax.lax.scan(body, state, first_batch + jnp.arange(num_steps))
 
@@ -109,23 +161,26 @@ def scan_by_default() -> bool:
 
 
 def train_chunk(state: TrainState, images: jnp.ndarray, order: jnp.ndarray, first_batch, key: jax.Array, *,
-                num_steps: int, batch_size: int, scan: bool | None = None,
+                num_steps: int, batch_size: int, labels=None, scan: bool | None = None,
                 batch_sharding=None) -> tuple[TrainState, jnp.ndarray]:
     """`num_steps` consecutive steps with the data already on the device(s).
 
-    images: (N, H, W, C) uint8, the whole training set; order: (N,) the epoch's
-    permutation; the chunk trains on batches first_batch .. first_batch + num_steps - 1
-    of that order. With scan=True (default on accelerators) the chunk is one
-    compiled `lax.scan`; otherwise a loop of jitted steps; the two agree to float
+    images: (N, H, W, C) uint8, the whole training set; labels: (N,) int32, for
+    a conditional model (else None); order: (N,) the epoch's permutation; the
+    chunk trains on batches first_batch .. first_batch + num_steps - 1 of that
+    order. With scan=True (default on accelerators) the chunk is one compiled
+    `lax.scan`; otherwise a loop of jitted steps; the two agree to float
     rounding. `batch_sharding` (see parallel.py) splits each batch over devices,
     with state, images and order replicated. Returns the new state (the input
     state's buffers are donated) and the losses, shape (num_steps,).
     """
+    if (labels is None) != (state.num_classes == 0):
+        raise UserError("a conditional model (num_classes > 0) trains on labels, an unconditional one without")
     static = dict(batch_size=batch_size, batch_sharding=batch_sharding)
     if scan if scan is not None else scan_by_default():
-        return _train_scan(state, images, order, first_batch, key, num_steps=num_steps, **static)
+        return _train_scan(state, images, labels, order, first_batch, key, num_steps=num_steps, **static)
     losses = []
     for i in range(num_steps):
-        state, loss = _train_batch(state, images, order, first_batch + i, key, **static)
+        state, loss = _train_batch(state, images, labels, order, first_batch + i, key, **static)
         losses.append(loss)
     return state, jnp.stack(losses)

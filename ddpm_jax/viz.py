@@ -149,10 +149,11 @@ def to_uint8(images, display: str = "clip") -> np.ndarray:
 # ---------------------------------------------------------------------------- grids
 
 
-def make_grid(images, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+def make_grid(images, pad: int = 2, pad_value: int = 255, cols: int | None = None) -> np.ndarray:
     """Tile ``(N, H, W, C)`` uint8 images into one ``(H', W', C)`` uint8 picture.
 
-    Layout :func:`grid_layout` (``rows, cols``), row-major: image ``i`` is at
+    Layout :func:`grid_layout` (``rows, cols``), or ``cols`` columns and
+    ``ceil(N / cols)`` rows when given (e.g. one row per class), row-major: image ``i`` is at
     row ``i // cols``, column ``i % cols``. Cells past N are black (0).
     ``pad`` pixels of ``pad_value`` go *between* cells (no outer border), so
     ``H' = rows * H + (rows - 1) * pad`` and ``W' = cols * W + (cols - 1) * pad``.
@@ -170,7 +171,12 @@ def make_grid(images, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     if not 0 <= int(pad_value) <= 255:
         raise ValueError(f"pad_value must be in [0, 255], got {pad_value!r}")
     n, h, w, c = images.shape
-    rows, cols = grid_layout(n)
+    if cols is None:
+        rows, cols = grid_layout(n)
+    elif isinstance(cols, bool) or not isinstance(cols, (int, np.integer)) or cols < 1:
+        raise ValueError(f"cols must be a whole number >= 1, got {cols!r}")
+    else:
+        rows = -(-n // cols)
     cells = np.full((rows * cols, h, w, c), _BACKGROUND, dtype=np.uint8)
     cells[:n] = images
     if pad:
@@ -203,7 +209,7 @@ def _prepare_path(path) -> Path:
 
 
 def save_grid(
-    path, images, display: str = "clip", pad: int = 2, pad_value: int = 255
+    path, images, display: str = "clip", pad: int = 2, pad_value: int = 255, cols: int | None = None
 ) -> Path:
     """Write ``(N, H, W, C)`` images as one PNG grid (:func:`make_grid`); returns the path.
 
@@ -211,7 +217,7 @@ def save_grid(
     written as they are. 1 channel -> 2-D grayscale PNG, 3 -> RGB, 4 -> RGBA.
     PNG data is written whatever the file's suffix; parent folders are created.
     """
-    picture = make_grid(to_uint8(images, display), pad=pad, pad_value=pad_value)
+    picture = make_grid(to_uint8(images, display), pad=pad, pad_value=pad_value, cols=cols)
     picture = _for_writer(picture)
     import imageio.v3 as iio  # lazy: imageio takes ~0.2 s to import
 

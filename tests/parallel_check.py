@@ -41,7 +41,7 @@ def main():
 
     # The batch really is split: each of the 4 devices holds 2 of the 8 images.
     _, _, images, order = train(mesh4, scan=False, steps=1)
-    x0 = jax.jit(_batch, static_argnums=(3, 4))(images, order, 0, BATCH, batch_sharding(mesh4))
+    x0, _ = jax.jit(_batch, static_argnums=(4, 5))(images, None, order, 0, BATCH, batch_sharding(mesh4))
     assert len(x0.sharding.device_set) == 4 and x0.sharding.shard_shape(x0.shape)[0] == BATCH // 4, x0.sharding
     assert sorted(s.data.shape[0] for s in x0.addressable_shards) == [2, 2, 2, 2]
 

@@ -26,3 +26,18 @@ def test_run_defining_fields():
     current.seed = 1
     current.model.time_emb_dim = 64
     assert run_defining_differences(saved, current.to_dict()) == ["model.time_emb_dim: 100 -> 64", "seed: 0 -> 1"]
+
+
+def test_fields_a_checkpoint_predates_take_their_defaults():
+    from ddpm_jax.config import config_from_dict
+
+    saved = base_config().to_dict()
+    del saved["train"]["ema_decay"], saved["model"]["num_classes"], saved["sample"]["sampler"]
+    # An older run resumes: the new fields at their defaults do what the old code did...
+    assert run_defining_differences(saved, base_config().to_dict()) == []
+    # ...but not with a setting the old code did not have.
+    current = base_config()
+    current.train.ema_decay = 0.999
+    assert run_defining_differences(saved, current.to_dict()) == ["train.ema_decay: '<missing>' -> 0.999"]
+    config = config_from_dict(saved)
+    assert config.train.ema_decay == 0.0 and config.sample.sampler == "ddpm" and config.model.num_classes == 0

@@ -1,12 +1,14 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ddpm_jax.errors import UserError
-from ddpm_jax.sampling import (ddpm_step, frame_steps, initial_noise_and_step_keys, reverse_stddevs, sample,
-                               sample_keys)
-from ddpm_jax.schedule import linear_beta_schedule
+from ddpm_jax.sampling import (_reverse_process, chain, frame_steps, guided_eps, initial_noise_and_step_keys,
+                               reverse_step, reverse_stddevs, sample, sample_batched, sample_keys)
+from ddpm_jax.schedule import linear_beta_schedule, respace, respaced_timesteps
 
 T = 1000
 
@@ -27,15 +29,21 @@ def gaussian_params(schedule, mu, s):
     return {"alpha_bars": schedule.alpha_bars, "mu": jnp.float32(mu), "s2": jnp.float32(s * s)}
 
 
-def scalar_recursion(mu, s, sigma):
-    """Mean and variance of the sampler's output, pushed through the same update rule in float64."""
-    betas = np.linspace(1e-4, 0.02, T)
-    alphas = 1 - betas
-    ab = np.cumprod(alphas)
+def chain_alpha_bars(steps=T):
+    """alpha_bar of the chain's steps in float64 (the respaced chain keeps alpha_bar at its timesteps)."""
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    return ab[respaced_timesteps(T, steps)]
+
+
+def scalar_recursion(mu, s, sigma, steps=T):
+    """Mean and variance of the DDPM sampler's output, pushed through the same update rule in float64."""
+    ab = chain_alpha_bars(steps)
     ab_prev = np.concatenate([[1.0], ab[:-1]])
+    betas = 1 - ab / ab_prev
+    alphas = 1 - betas
     var_noise = betas if sigma == "beta" else (1 - ab_prev) / (1 - ab) * betas
     m, v = 0.0, 1.0  # x_T ~ N(0, 1)
-    for t in range(T - 1, -1, -1):
+    for t in range(len(ab) - 1, -1, -1):
         c1 = np.sqrt(1 - ab[t]) / (ab[t] * s * s + 1 - ab[t])  # eps = c1 (x - sqrt(ab) mu)
         e = betas[t] / np.sqrt(1 - ab[t])
         gain = (1 - e * c1) / np.sqrt(alphas[t])
@@ -43,6 +51,21 @@ def scalar_recursion(mu, s, sigma):
         m = gain * m + offset
         v = gain * gain * v + (var_noise[t] if t > 0 else 0.0)
     return m, v
+
+
+def ddim_affine_map(mu, s, steps):
+    """DDIM with eta = 0 is deterministic and affine: x0 = gain * x_T + offset, in float64."""
+    ab = chain_alpha_bars(steps)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    gain, offset = 1.0, 0.0
+    for i in range(len(ab) - 1, -1, -1):
+        c1 = np.sqrt(1 - ab[i]) / (ab[i] * s * s + 1 - ab[i])
+        # eps = c1 x - c1 sqrt(ab) mu; x0_hat = (x - sqrt(1 - ab) eps) / sqrt(ab)
+        x0_gain, x0_off = (1 - np.sqrt(1 - ab[i]) * c1) / np.sqrt(ab[i]), np.sqrt(1 - ab[i]) * c1 * mu
+        step_gain = np.sqrt(ab_prev[i]) * x0_gain + np.sqrt(1 - ab_prev[i]) * c1
+        step_off = np.sqrt(ab_prev[i]) * x0_off - np.sqrt(1 - ab_prev[i]) * c1 * np.sqrt(ab[i]) * mu
+        gain, offset = step_gain * gain, step_gain * offset + step_off
+    return gain, offset
 
 
 N_DRAWS = 64 * 28 * 28  # every pixel is an independent draw
@@ -81,23 +104,113 @@ def test_no_noise_at_t0(schedule):
         reverse_stddevs(schedule, "gamma")
 
 
-def test_fori_loop_equals_python_loop(schedule):
+@pytest.mark.parametrize("sampler,steps", [("ddpm", T), ("ddim", 40)])
+def test_fori_loop_equals_python_loop(schedule, sampler, steps):
     params = gaussian_params(schedule, 0.1, 0.5)
     keys = sample_keys(jax.random.key(11), 0, 3)
-    x_loop, frames = sample(gaussian_eps, params, schedule, keys, (28, 28, 1), sigma="beta_tilde", num_frames=5)
+    options = dict(sampler=sampler, sigma="beta_tilde", eta=0.5)
+    x_loop, frames = sample(gaussian_eps, params, schedule, keys, (28, 28, 1), steps=steps, num_frames=5, **options)
 
-    sigmas = reverse_stddevs(schedule, "beta_tilde")
-    step = jax.jit(ddpm_step, static_argnums=0)
+    chain_schedule, timesteps = chain(schedule, steps)
+    step = jax.jit(functools.partial(reverse_step, **options), static_argnums=0)
     x, step_keys = initial_noise_and_step_keys(keys, (28, 28, 1))
     recorded = []
-    wanted = set(frame_steps(T, 5).tolist())
-    for i, t in enumerate(range(T - 1, -1, -1)):
-        x = step(gaussian_eps, params, schedule, sigmas, x, t, step_keys)
-        if i in wanted:
+    wanted = set(frame_steps(steps, 5).tolist())
+    for loop_index, i in enumerate(range(steps - 1, -1, -1)):
+        x = step(gaussian_eps, params, chain_schedule, timesteps, x, i, step_keys)
+        if loop_index in wanted:
             recorded.append(x)
     np.testing.assert_allclose(x_loop, x, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(frames, np.stack(recorded), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(frames[-1], x_loop)
+
+
+@pytest.mark.parametrize("steps", [T, 100, 20])
+@pytest.mark.parametrize("mu,s", [(0.5, 1.0), (0.2, 0.1)])
+def test_ddim_eta0_is_the_exact_affine_map_of_the_noise(schedule, steps, mu, s):
+    keys = sample_keys(jax.random.key(3), 0, 16)
+    x0, _ = sample(gaussian_eps, gaussian_params(schedule, mu, s), schedule, keys, (28, 28, 1),
+                   sampler="ddim", steps=steps, eta=0.0)
+    x_T, _ = initial_noise_and_step_keys(keys, (28, 28, 1))
+    gain, offset = ddim_affine_map(mu, s, steps)
+    np.testing.assert_allclose(np.asarray(x0, np.float64), gain * np.asarray(x_T, np.float64) + offset,
+                               rtol=0, atol=2e-4 * max(1.0, abs(gain)))
+    # So its mean and variance are the recursion's: mu, and (gain)^2, which is s^2 to first order.
+    draws = np.asarray(x0, np.float64).ravel()
+    assert abs(draws.mean() - offset) < 5 * abs(gain) / np.sqrt(draws.size)
+    assert abs(draws.var() - gain**2) < 5 * gain**2 * np.sqrt(2 / draws.size)
+
+
+@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
+def test_respaced_ddpm_matches_its_gaussian_recursion(schedule, sigma):
+    mu, s, steps = -0.3, 0.5, 50
+    x0, _ = sample(gaussian_eps, gaussian_params(schedule, mu, s), schedule, sample_keys(jax.random.key(8), 0, 64),
+                   (28, 28, 1), steps=steps, sigma=sigma)
+    draws = np.asarray(x0, np.float64).ravel()
+    m, v = scalar_recursion(mu, s, sigma, steps)
+    assert abs(draws.mean() - m) < 5 * np.sqrt(v / N_DRAWS)
+    assert abs(draws.var() - v) < 5 * v * np.sqrt(2 / N_DRAWS)
+
+
+def test_ddim_eta1_is_ddpm_with_beta_tilde(schedule):
+    # Song et al.: eta = 1 gives the DDPM posterior with sigma^2 = beta-tilde; same keys, same samples.
+    params, keys = gaussian_params(schedule, 0.2, 0.4), sample_keys(jax.random.key(2), 0, 4)
+    for steps in (T, 25):
+        ddim, _ = sample(gaussian_eps, params, schedule, keys, (28, 28, 1), sampler="ddim", eta=1.0, steps=steps)
+        ddpm, _ = sample(gaussian_eps, params, schedule, keys, (28, 28, 1), sigma="beta_tilde", steps=steps)
+        np.testing.assert_allclose(ddim, ddpm, rtol=0, atol=2e-4)
+
+
+def test_respacing(schedule):
+    np.testing.assert_array_equal(respaced_timesteps(T, T), np.arange(T))
+    np.testing.assert_array_equal(respaced_timesteps(10, 4), [0, 3, 6, 9])
+    np.testing.assert_array_equal(respaced_timesteps(T, 1), [T - 1])
+    for bad in (0, T + 1, 2.5):
+        with pytest.raises(UserError):
+            respaced_timesteps(T, bad)
+    same = respace(schedule, np.arange(T))
+    for name in ("betas", "alpha_bars", "posterior_variance"):
+        np.testing.assert_allclose(getattr(same, name), getattr(schedule, name), rtol=1e-5)
+    short = respace(schedule, respaced_timesteps(T, 50))
+    np.testing.assert_allclose(short.alpha_bars, schedule.alpha_bars[respaced_timesteps(T, 50)], rtol=1e-5)
+    assert float(short.posterior_variance[0]) == 0.0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clip_x0_keeps_samples_in_range(schedule, sampler):
+    # Data far outside [-1, 1]: unclipped samples leave the range, clipped ones end in it.
+    params, keys = gaussian_params(schedule, 3.0, 0.5), sample_keys(jax.random.key(4), 0, 2)
+    free, _ = sample(gaussian_eps, params, schedule, keys, (28, 28, 1), sampler=sampler, steps=20)
+    clipped, _ = sample(gaussian_eps, params, schedule, keys, (28, 28, 1), sampler=sampler, steps=20, clip_x0=True)
+    assert float(jnp.max(free)) > 2.0
+    assert float(jnp.max(clipped)) <= 1.0 and float(jnp.min(clipped)) >= -1.0
+
+
+def labelled_eps(params, x, t, y=None):
+    """A toy conditional predictor: eps = x - c_y, with c = 0 for 'no label'."""
+    c = jnp.zeros_like(x) if y is None else params["centres"][y].reshape(-1, 1, 1, 1)
+    return x - c
+
+
+def test_classifier_free_guidance_mixes_conditional_and_unconditional():
+    params = {"centres": jnp.array([0.5, -1.0])}
+    x, t, y = jnp.ones((2, 2, 2, 1)), jnp.zeros((2,), jnp.int32), jnp.array([0, 1])
+    np.testing.assert_allclose(guided_eps(labelled_eps, params, x, t, None, 0.0), x)
+    np.testing.assert_allclose(guided_eps(labelled_eps, params, x, t, y, 0.0)[:, 0, 0, 0], [0.5, 2.0])
+    # (1 + w) eps_c - w eps_u = x - (1 + w) c_y
+    np.testing.assert_allclose(guided_eps(labelled_eps, params, x, t, y, 2.0)[:, 0, 0, 0], [-0.5, 4.0])
+
+
+def test_sample_batched_with_labels_does_not_depend_on_batch(schedule):
+    params = {"centres": jnp.array([0.5, -1.0, 0.0])}
+    labels = np.array([0, 1, 2, 1, 0])
+    opts = dict(sampler="ddim", steps=10, guidance=1.0, labels=labels)
+    whole, _ = sample_batched(labelled_eps, params, schedule, jax.random.key(1), 5, (4, 4, 1), batch_size=5, **opts)
+    parts, _ = sample_batched(labelled_eps, params, schedule, jax.random.key(1), 5, (4, 4, 1), batch_size=2, **opts)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError):
+        sample_batched(labelled_eps, params, schedule, jax.random.key(1), 5, (4, 4, 1), batch_size=2,
+                       labels=labels[:3])
 
 
 def test_frame_steps_are_the_articles():
@@ -120,9 +233,9 @@ def test_new_params_and_keys_do_not_recompile(schedule):
                       (28, 28, 1), num_frames=3)[0]
 
     draw(0.0, 1.0, 0)
-    size = sample._cache_size()
+    size = _reverse_process._cache_size()
     out_a, out_b, out_c = draw(0.4, 0.3, 1), draw(0.4, 0.3, 1), draw(0.4, 0.3, 2)
-    assert sample._cache_size() == size
+    assert _reverse_process._cache_size() == size
     np.testing.assert_array_equal(out_a, out_b)  # same key, same samples
     assert not np.allclose(out_a, out_c)
 

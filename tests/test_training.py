@@ -7,6 +7,7 @@ import pytest
 from tiny_model import TinyEpsNet
 
 from ddpm_jax.data import to_model_range
+from ddpm_jax.errors import UserError
 from ddpm_jax.schedule import linear_beta_schedule
 from ddpm_jax.training import (create_optimizer, create_train_state, epoch_permutation, run_keys, train_chunk,
                                train_step)
@@ -134,3 +135,56 @@ def test_epoch_permutation_is_a_seeded_permutation():
     assert sorted(p0.tolist()) == list(range(100))
     np.testing.assert_array_equal(p0, epoch_permutation(key, 0, 100))
     assert not np.array_equal(p0, epoch_permutation(key, 1, 100))
+
+
+def test_ema_follows_its_warmed_up_formula_and_touches_only_params(images):
+    keys = run_keys(jax.random.key(4))
+    key = keys["init"]
+    state = create_train_state(MODEL, linear_beta_schedule(100, 1e-4, 0.02), TX, key, IMAGE_SHAPE, ema_decay=0.9)
+    assert_trees_equal(state.ema_params, state.params)
+    plain = fresh_state(4)  # the same init key: the same parameters, no EMA
+    assert plain.ema_params is None
+    order = epoch_permutation(keys["data"], 0, images.shape[0])
+    expected = jax.tree.map(np.asarray, state.params)  # copies: train_chunk donates the state's buffers
+    for i in range(4):
+        state, _ = train_chunk(state, images, order, i, keys["train"], num_steps=1, batch_size=BATCH)
+        plain, _ = train_chunk(plain, images, order, i, keys["train"], num_steps=1, batch_size=BATCH)
+        decay = min(0.9, (1 + (i + 1)) / (10 + (i + 1)))  # warm-up: 2/11, 3/12, 4/13, 5/14
+        expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * np.asarray(p), expected, state.params)
+    # The EMA does not change training itself...
+    assert_trees_equal(state.params, plain.params)
+    assert_trees_equal(state.opt_state, plain.opt_state)
+    # ...and is the warmed-up average of the parameters.
+    for x, y in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(jax.tree.leaves(state.ema_params)[0], jax.tree.leaves(state.params)[0])
+    with pytest.raises(UserError):
+        create_train_state(MODEL, linear_beta_schedule(100), TX, key, IMAGE_SHAPE, ema_decay=1.0)
+
+
+def test_conditional_training_uses_labels_and_drops_some(images):
+    model = TinyEpsNet(num_classes=4)
+    keys = run_keys(jax.random.key(5))
+    labels = jnp.asarray(np.arange(images.shape[0]) % 4, jnp.int32)
+    order = epoch_permutation(keys["data"], 0, images.shape[0])
+
+    def train(label_dropout, labels_used):
+        state = create_train_state(model, linear_beta_schedule(100), TX, keys["init"], IMAGE_SHAPE, num_classes=4,
+                                   label_dropout=label_dropout)
+        return train_chunk(state, images, order, 0, keys["train"], num_steps=3, batch_size=BATCH,
+                           labels=labels_used, scan=False)
+
+    a, losses_a = train(0.0, labels)
+    b, losses_b = train(0.0, (labels + 1) % 4)
+    c, losses_c = train(1.0, labels)  # every label dropped: the labels no longer matter
+    d, losses_d = train(1.0, (labels + 1) % 4)
+    assert not np.allclose(losses_a, losses_b)
+    np.testing.assert_array_equal(losses_c, losses_d)
+    embedding = c.params["Embed_0"]["embedding"]
+    # With every label dropped only the 'none' row (index 4) is trained.
+    initial = create_train_state(model, linear_beta_schedule(100), TX, keys["init"], IMAGE_SHAPE,
+                                 num_classes=4).params["Embed_0"]["embedding"]
+    np.testing.assert_array_equal(embedding[:4], initial[:4])
+    assert not np.allclose(embedding[4], initial[4])
+    with pytest.raises(UserError):
+        train_chunk(a, images, order, 0, keys["train"], num_steps=1, batch_size=BATCH)  # labels missing

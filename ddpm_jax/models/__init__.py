@@ -1,4 +1,9 @@
-"""Noise-prediction networks eps_theta(x_t, t), chosen by `config.model.name`."""
+"""Noise-prediction networks eps_theta(x_t, t[, y]), chosen by `config.model.name`.
+
+Every model is called as `model.apply({'params': p}, x, t, y=None, train=False,
+rngs={'dropout': key})`: x (B, H, W, C) float32, t (B,) int in [0, n_steps),
+y (B,) int class labels (conditional models only; label num_classes = none).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,27 @@ import flax.linen as nn
 from ddpm_jax.errors import UserError
 from ddpm_jax.models.article_unet import ArticleUNet, article_sinusoidal_table
 
-MODEL_NAMES = ("article_unet",)
+MODEL_NAMES = ("article_unet", "article_unet_fixed", "unet")
 
 
 def create_model(config, image_shape: tuple[int, int, int]) -> nn.Module:
     """The network `config.model.name` names, checked against the data's (H, W, C)."""
-    name = config.model.name
-    if name == "article_unet":
+    m = config.model
+    name = m.name
+    if name in ("article_unet", "article_unet_fixed"):
         if tuple(image_shape[:2]) != (28, 28):
-            raise UserError(f"model 'article_unet' is built for 28x28 images, the data has {image_shape[0]}x{image_shape[1]}")
-        return ArticleUNet(n_steps=config.diffusion.n_steps, time_emb_dim=config.model.time_emb_dim)
+            raise UserError(f"model {name!r} is built for 28x28 images, the data has {image_shape[0]}x{image_shape[1]}")
+        if m.num_classes:
+            raise UserError(f"model {name!r} is unconditional; set --config.model.num_classes=0 "
+                            "or use --config.model.name=unet for class-conditional training")
+        return ArticleUNet(n_steps=config.diffusion.n_steps, time_emb_dim=m.time_emb_dim,
+                           normalize_input=name == "article_unet")
+    if name == "unet":
+        from ddpm_jax.models.unet import UNet
+
+        return UNet(channels=m.channels, channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
+                    attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
+                    num_groups=m.num_groups, num_classes=m.num_classes, image_size=int(image_shape[0]))
     raise UserError(f"unknown model.name {name!r}: choose one of {', '.join(MODEL_NAMES)}")
 
 

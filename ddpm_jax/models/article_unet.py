@@ -68,20 +68,24 @@ class Block(nn.Module):
 
     features: int
     normalize: bool = True
+    norm_after_conv: bool = False  # normalise the first conv's output instead of the input
 
     @nn.compact
     def __call__(self, x):
         # One scale and bias per element of (H, W, C), eps as torch.nn.LayerNorm.
         # Exact two-pass variance: the fast E[x^2] - E[x]^2 form loses the
         # offset invariance that the article's model has.
-        normed = nn.LayerNorm(epsilon=1e-5, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1),
-                              use_fast_variance=False)(x)
-        # The article builds the LayerNorm even where it does not apply it (the
-        # very last block): its parameters exist, count, and never get a gradient.
-        # Keeping them keeps the parameter count (506,852) and a 1:1 map to its state dict.
-        if self.normalize:
-            x = normed
-        x = nn.silu(_conv(self.features, x.shape[-1], 3, padding=1)(x))
+        layer_norm = nn.LayerNorm(epsilon=1e-5, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1),
+                                  use_fast_variance=False)
+        conv1 = _conv(self.features, x.shape[-1], 3, padding=1)
+        if self.norm_after_conv:
+            x = nn.silu(layer_norm(conv1(x)))
+        else:
+            normed = layer_norm(x)
+            # The article builds the LayerNorm even where it does not apply it (the
+            # very last block): its parameters exist, count, and never get a gradient.
+            # Keeping them keeps the parameter count (506,852) and a 1:1 map to its state dict.
+            x = nn.silu(conv1(normed if self.normalize else x))
         x = nn.silu(_conv(self.features, self.features, 3, padding=1)(x))
         return x
 
@@ -100,24 +104,35 @@ class TimeMLP(nn.Module):
 
 
 class ArticleUNet(nn.Module):
-    """eps_theta(x_t, t) of the article. x: (B, 28, 28, C) float32; t: (B,) int in [0, n_steps)."""
+    """eps_theta(x_t, t) of the article. x: (B, 28, 28, C) float32; t: (B,) int in [0, n_steps).
+
+    normalize_input=False is the one-change fix ('article_unet_fixed'): the first
+    LayerNorm, which normalises the input image itself and so hides its brightness
+    and contrast from the network (and the level's time signal with them),
+    normalises the first convolution's output instead.
+    """
 
     n_steps: int = 1000
     time_emb_dim: int = 100
+    normalize_input: bool = True
 
-    def _level(self, x, emb, widths, name, normalize_last=True):
+    def _level(self, x, emb, widths, name, normalize_last=True, norm_after_conv_first=False):
         x = x + TimeMLP(x.shape[-1], name=f"te_{name}")(emb)[:, None, None, :]
         for i, width in enumerate(widths):
-            x = Block(width, normalize=normalize_last or i < len(widths) - 1, name=f"{name}_{i}")(x)
+            x = Block(width, normalize=normalize_last or i < len(widths) - 1,
+                      norm_after_conv=norm_after_conv_first and i == 0, name=f"{name}_{i}")(x)
         return x
 
     @nn.compact
-    def __call__(self, x, t):
+    def __call__(self, x, t, y=None, train: bool = False):
+        # y and train are the project's model interface; this model is unconditional and has no dropout.
+        if y is not None:
+            raise ValueError("the article's U-Net is unconditional: it takes no labels")
         # A constant, not a parameter: it is not trained (the article freezes it).
         emb = jnp.asarray(article_sinusoidal_table(self.n_steps, self.time_emb_dim))[t]  # (B, D)
         out_channels = x.shape[-1]
 
-        out1 = self._level(x, emb, (10, 10, 10), "b1")  # (B, 28, 28, 10)
+        out1 = self._level(x, emb, (10, 10, 10), "b1", norm_after_conv_first=not self.normalize_input)  # (B, 28, 28, 10)
         out2 = self._level(_conv(10, 10, 4, 2, 1, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
         out3 = self._level(_conv(20, 20, 4, 2, 1, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
 
