@@ -1,6 +1,7 @@
-"""Sampling throughput: the whole reverse process (T steps in one lax.fori_loop) for a batch.
+"""Sampling throughput: the whole reverse process (all its steps in one lax.fori_loop) for a batch.
 
     python benchmarks/sample_throughput.py --config configs/fashion.py [--num 100] [--repeats 2] [--json out.json]
+    python benchmarks/sample_throughput.py --config configs/fashion.py --config.sample.sampler=ddim --config.sample.steps=50
 
 Parameters are freshly initialised (speed does not depend on their values).
 images/s = num / median seconds of one full sampling call after compilation.
@@ -18,6 +19,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from common import device_info, median, peak_rss_mib, report, timed  # noqa: E402
+from ddpm_jax.generate import sample_options  # noqa: E402
 from ddpm_jax.models import create_model  # noqa: E402
 from ddpm_jax.sampling import sample, sample_keys  # noqa: E402
 from ddpm_jax.schedule import make_schedule  # noqa: E402
@@ -36,11 +38,17 @@ def main(_):
     image_shape = (28, 28, 1)
     model = create_model(config, image_shape)
     schedule = make_schedule(config.diffusion)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32))
+    num_classes = config.model.num_classes
+    labels = jnp.arange(FLAGS.num) % num_classes if num_classes else None
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32),
+                           None if labels is None else labels[:1])
+    options = sample_options(config)
+    if labels is None:
+        options["guidance"] = 0.0
 
     def draw(seed):
         keys = sample_keys(jax.random.key(seed), 0, FLAGS.num)
-        return sample(model.apply, variables, schedule, keys, image_shape, sigma=config.sample.sigma)[0]
+        return sample(model.apply, variables, schedule, keys, image_shape, labels=labels, **options)[0]
 
     _, first = timed(lambda: draw(0))
     times = [timed(lambda: draw(i + 1))[1] for i in range(FLAGS.repeats)]
@@ -50,6 +58,9 @@ def main(_):
         "model": config.model.name,
         "num_samples": FLAGS.num,
         "n_steps": schedule.n_steps,
+        "sampler": options["sampler"],
+        "steps": options["steps"] or schedule.n_steps,
+        "guidance": options["guidance"],
         "images_per_s": round(FLAGS.num / seconds, 3),
         "seconds_median": round(seconds, 2),
         "seconds_all": [round(t, 2) for t in times],

@@ -46,10 +46,13 @@ def main(_):
     batch, chunk = config.train.batch_size, config.train.steps_per_chunk
     model = create_model(config, image_shape)
     keys = run_keys(jax.random.key(config.seed))
+    num_classes = config.model.num_classes
     state = create_train_state(model, make_schedule(config.diffusion), create_optimizer(config.optim), keys["init"],
-                               image_shape)
+                               image_shape, ema_decay=config.train.ema_decay, num_classes=num_classes,
+                               label_dropout=config.train.label_dropout)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (FLAGS.num_examples, *image_shape), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, num_classes, FLAGS.num_examples, dtype=np.int32)) if num_classes else None
     order = epoch_permutation(keys["data"], 0, FLAGS.num_examples)
     steps_per_epoch = FLAGS.num_examples // batch
     position = 0
@@ -58,7 +61,8 @@ def main(_):
         nonlocal state, position
         if position + chunk > steps_per_epoch:
             position = 0
-        state, losses = train_chunk(state, images, order, position, keys["train"], num_steps=chunk, batch_size=batch)
+        state, losses = train_chunk(state, images, order, position, keys["train"], num_steps=chunk, batch_size=batch,
+                                    labels=labels)
         position += chunk
         return losses
 

@@ -27,6 +27,7 @@ def env(tmp_path_factory):
     env["DDPM_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))  # later runs reuse compiles
     env["JAX_PLATFORMS"] = "cpu"
     env["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
+    env["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))  # tfds' mock_data leaves an empty temp folder per run
     return env
 
 
@@ -342,3 +343,57 @@ def test_real_fashion_mnist_smoke(env, tmp_path):
     params, meta = params_of(workdir)
     assert meta["checkpoint_step"] == 3 and meta["image_shape"] == [28, 28, 1]
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+COND_UNET = ["--config.model.name=unet", "--config.model.channels=8", "--config.model.num_groups=4",
+             "--config.model.num_res_blocks=1", "--config.model.channel_mults=(1, 2)",
+             "--config.model.attention_resolutions=(14,)", "--config.model.num_classes=10",
+             "--config.train.ema_decay=0.9", "--config.sample.sampler=ddim", "--config.sample.steps=5"]
+
+
+@pytest.fixture(scope="session")
+def conditional(env, tmp_path_factory):
+    """One epoch of a small class-conditional U-Net with EMA."""
+    workdir = tmp_path_factory.mktemp("run") / "conditional"
+    ok(run(env, "train.py", *TINY, *COND_UNET, f"--workdir={workdir}", "--config.train.sample_every_epochs=1",
+           "--config.sample.num=20"))
+    return workdir
+
+
+def test_conditional_ema_run_samples_by_class(env, conditional, tmp_path):
+    _, params, meta = load_checkpoint(str(conditional), "latest")
+    assert "ema_params" in meta  # the EMA is checkpointed beside the parameters
+    assert not np.allclose(jax.tree.leaves(meta["ema_params"])[0], jax.tree.leaves(params)[0])
+    # The training grid has one row per class: 10 rows of 2 for 20 samples.
+    assert iio.imread(conditional / "samples" / "epoch_001.png").shape == (10 * 30 - 2, 2 * 30 - 2)
+
+    def draw(name, *args):
+        out = tmp_path / f"{name}.npz"
+        result = ok(run(env, "sample.py", f"--ckpt={conditional}", "--num=3", f"--out={out}", "--grid=",
+                        "--noprogress", *args, mock=False))
+        return np.load(out)["arr_0"], result.stdout
+
+    ema, says = draw("ema")
+    assert "ema weights" in says and "ddim, 5 steps" in says
+    raw, says = draw("raw", "--weights=raw")
+    assert "raw weights" in says and not np.array_equal(ema, raw)
+    sneaker, _ = draw("sneaker", "--label=sneaker", "--guidance=2")
+    seven, _ = draw("seven", "--label=7", "--guidance=2")
+    np.testing.assert_array_equal(sneaker, seven)  # class 7 of Fashion-MNIST is 'Sneaker'
+    unguided, _ = draw("unguided", "--label=7", "--guidance=0")
+    assert not np.array_equal(sneaker, unguided)
+    ddpm, says = draw("ddpm", "--sampler=ddpm", "--steps=0", "--label=none")
+    assert ddpm.shape == (3, 28, 28, 1) and "ddpm, 50 steps" in says
+    user_error(run(env, "sample.py", f"--ckpt={conditional}", "--label=cat", f"--out={tmp_path / 'x.npz'}",
+                   "--grid=", mock=False), "unknown fashion_mnist label 'cat'", "Sneaker")
+
+
+def test_sampler_choices_errors(env, trained, tmp_path):
+    out = f"--out={tmp_path / 'x.npz'}"
+    user_error(run(env, "sample.py", f"--ckpt={trained[0]}", "--label=3", out, "--grid=", mock=False),
+               "--label", "unconditional")
+    user_error(run(env, "sample.py", f"--ckpt={trained[0]}", "--weights=ema", out, "--grid=", mock=False),
+               "no EMA weights", "--weights raw")
+    user_error(run(env, "sample.py", f"--ckpt={trained[0]}", "--steps=51", out, "--grid=", mock=False),
+               "--steps 51", "50 steps")
+    assert not os.path.exists(tmp_path / "x.npz")
