@@ -92,3 +92,18 @@ def test_last_blocks_unused_layernorm_gets_no_gradient(model_and_params):
     unused = grads["b_out_2"]["LayerNorm_0"]
     assert float(jnp.abs(unused["scale"]).max()) == 0.0 and float(jnp.abs(unused["bias"]).max()) == 0.0
     assert float(jnp.abs(grads["b_out_1"]["LayerNorm_0"]["scale"]).max()) > 0
+
+
+def test_the_one_change_fix_sees_brightness_and_contrast():
+    # article_unet_fixed normalises the first conv's output instead of the image:
+    # offset and scale of the input now reach the network. Only that block differs.
+    fixed = ArticleUNet(n_steps=1000, time_emb_dim=100, normalize_input=False)
+    variables = fixed.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+    params = variables["params"]
+    assert sum(p.size for p in jax.tree.leaves(params)) == 506_852 - 2 * 28 * 28 * 1 + 2 * 28 * 28 * 10
+    assert params["b1_0"]["LayerNorm_0"]["scale"].shape == (28, 28, 10)
+    x = jax.random.normal(jax.random.key(2), (2, 28, 28, 1))
+    t = jnp.array([100, 600])
+    base = fixed.apply(variables, x, t)
+    assert not np.allclose(fixed.apply(variables, x + 1.0, t), base, atol=1e-3)
+    assert not np.allclose(fixed.apply(variables, 2.0 * x, t), base, atol=1e-3)
