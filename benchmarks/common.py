@@ -19,15 +19,43 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+_compile_seconds = [0.0]
+# JAX's duration events for tracing, lowering and compiling a program (jax/_src/dispatch.py).
+_COMPILE_EVENTS = frozenset(f"/jax/core/compile/{stage}_duration"
+                            for stage in ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile"))
+
+
+def _count_compile(event: str, seconds: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling so far (JAX's own events)."""
+    return _compile_seconds[0]
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_peak_mib() -> float | None:
+    """Peak memory in use on the first device so far, MiB (accelerators; None on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None
+
+
 def device_info() -> dict:
     device = jax.devices()[0]
     return {"platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__}
+            "device_peak_mib": device_peak_mib(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+            # the process settings of ddpm_jax/runtime.py in effect (DDPM_JAX_CPU_TUNING=off: none)
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def median(values) -> float:

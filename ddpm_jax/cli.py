@@ -1,4 +1,4 @@
-"""What train.py and sample.py share: flag parsing and turning expected errors into one line.
+"""What the CLIs share: process setup (runtime.py), flag parsing, expected errors as one line.
 
 A user's mistake (unknown flag or config key, wrong type, bad path, ...) prints
 `error: <what is wrong and what to do>` on stderr and exits with status 2, with no
@@ -14,26 +14,12 @@ from typing import Callable
 from absl import flags
 from absl import logging as absl_logging
 
+from ddpm_jax import runtime
 from ddpm_jax.errors import UserError
 
 
 # Quiet TensorFlow's C++ logs (tfds imports it to prepare data); must precede its import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, so a second run starts in seconds.
-
-    On by default under ~/.cache/ddpm_jax/xla; DDPM_JAX_COMPILE_CACHE=DIR moves it,
-    DDPM_JAX_COMPILE_CACHE=off turns it off.
-    """
-    import jax
-
-    where = os.environ.get("DDPM_JAX_COMPILE_CACHE", os.path.join("~", ".cache", "ddpm_jax", "xla"))
-    if where.lower() in ("off", "0", "none", ""):
-        return
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(where)))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def fail(message: str) -> None:
@@ -46,7 +32,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
-    """Parses the absl flags, then runs main(); expected errors exit 2 with one line."""
+    """Parses the absl flags, then runs main(); expected errors exit 2 with one line.
+    The process takes runtime.py's CPU settings first (restarting itself once for them
+    when it runs the real command line, argv=None)."""
+    runtime.configure(reexec=argv is None)
     argv = sys.argv if argv is None else argv
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
         print((sys.modules["__main__"].__doc__ or "").strip() + "\n")
@@ -78,7 +67,7 @@ def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
     # Any other exception while loading a config file is a bug in that file: its traceback helps.
     if len(rest) > 1:
         fail(f"unexpected arguments {' '.join(rest[1:])!r}; every option is a --flag (see --help)")
-    enable_compilation_cache()
+    runtime.enable_compilation_cache()
     # tfds and Orbax log warnings through absl that say nothing to a user of the CLIs.
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:

@@ -36,8 +36,9 @@ from ddpm_jax.models import create_model
 from ddpm_jax.parallel import batch_sharding, check_divisible, initialize_distributed, make_mesh, replicated
 from ddpm_jax.sampling import SAMPLERS, SIGMAS, sample, sample_keys
 from ddpm_jax.schedule import make_schedule, q_sample
-from ddpm_jax.training import (TrainState, create_optimizer, create_train_state, epoch_permutation, run_keys,
-                               train_chunk)
+from ddpm_jax.runtime import release_free_host_memory
+from ddpm_jax.training import (TrainState, compile_train_chunk, create_optimizer, create_train_state,
+                               epoch_permutation, run_keys, train_chunk)
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -228,6 +229,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                    run_keys(root_key)["init"], image_shape, ema_decay=config.train.ema_decay,
                                    num_classes=num_classes, label_dropout=config.train.label_dropout)
         state = jax.device_put(state, replicated(mesh))  # restored checkpoints take this sharding too
+        # The initialisation's program is not needed again: drop it and what compiling it took.
+        jax.clear_caches()
+        release_free_host_memory()
         state, root_key, best_loss, epoch_loss_sum = _resume(manager, state, root_key)
         keys = run_keys(root_key)
         step = int(state.step)
@@ -253,6 +257,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
             order = epoch_permutation(keys["data"], step // steps_per_epoch, num_examples)
             if step == 0 and lead:
                 _write_start_pictures(workdir, images, order, state.schedule, batch_size, keys["sample"])
+            del images, labels  # the host copies (47 MB for 60,000 images): training reads the device's
+            if step < total_steps:
+                # Compile the first chunk's program now and hand the compiler's memory back
+                # before the steps allocate theirs: the run's peak memory is lower by ~400 MB.
+                compile_train_chunk(state, device_images, order, keys["train"], num_steps=_chunk_length(
+                    step, steps_per_epoch, chunk, total_steps), batch_size=batch_size, labels=device_labels,
+                    batch_sharding=split)
+                release_free_host_memory()
             bar = None
             epoch_start, epoch_steps_run = time.monotonic(), 0
             while step < total_steps and not stop.requested:
@@ -261,9 +273,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     bar = tqdm(total=steps_per_epoch, initial=in_epoch, leave=False, unit="step",
                                desc=f"Epoch {epoch + 1}/{config.train.num_epochs}",
                                disable=not (config.train.progress and lead))
-                # Chunks are steps_per_chunk long, counted from the epoch's start, cut short
-                # only by the epoch's end and max_steps: two or three shapes to compile.
-                n = min(chunk - in_epoch % chunk, steps_per_epoch - in_epoch, total_steps - step)
+                n = _chunk_length(step, steps_per_epoch, chunk, total_steps)
                 state, losses = train_chunk(state, device_images, order, in_epoch, keys["train"], num_steps=n,
                                             batch_size=batch_size, labels=device_labels, batch_sharding=split)
                 losses = np.asarray(losses)
@@ -319,6 +329,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
               "(0 = no cap) to continue")
     return {"step": step, "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason,
             "best_loss": None if math.isinf(best_loss) else best_loss, "workdir": workdir}
+
+
+def _chunk_length(step: int, steps_per_epoch: int, chunk: int, total_steps: int) -> int:
+    """Steps in the chunk that starts at `step`: chunks are `chunk` long, counted from the
+    epoch's start, cut short only by the epoch's end and by total_steps (two or three
+    shapes to compile)."""
+    in_epoch = step % steps_per_epoch
+    return min(chunk - in_epoch % chunk, steps_per_epoch - in_epoch, total_steps - step)
 
 
 def _nan_message(step: int, what: str, manager) -> str:

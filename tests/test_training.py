@@ -188,3 +188,31 @@ def test_conditional_training_uses_labels_and_drops_some(images):
     assert not np.allclose(embedding[4], initial[4])
     with pytest.raises(UserError):
         train_chunk(a, images, order, 0, keys["train"], num_steps=1, batch_size=BATCH)  # labels missing
+
+
+def test_compile_train_chunk_compiles_what_train_chunk_then_runs(images):
+    """run.py compiles the first chunk ahead (to release the compiler's memory before stepping);
+    the chunk must then find its program compiled, not build another."""
+    from ddpm_jax.training import compile_train_chunk
+
+    compiles = []
+
+    def listener(name, seconds, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    state = fresh_state(3)
+    keys = run_keys(jax.random.key(3))
+    order = epoch_permutation(keys["data"], 0, images.shape[0])
+    jnp.stack([jnp.zeros(())] * 3)  # the host loop stacks its 3 losses: compile that first
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for scan in (False, True):
+            # batch 4 and 3 steps: shapes no other test compiles
+            compile_train_chunk(state, images, order, keys["train"], num_steps=3, batch_size=4, scan=scan)
+            assert compiles, "compile_train_chunk compiled nothing"
+            compiles.clear()
+            state, _ = train_chunk(state, images, order, 0, keys["train"], num_steps=3, batch_size=4, scan=scan)
+            assert not compiles, f"train_chunk(scan={scan}) compiled again"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

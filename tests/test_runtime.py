@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+
+import jaxlib
+import numpy as np
+
+from ddpm_jax import runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YNN = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_xla_flags_added_on_measured_jaxlib_only_and_never_over_the_users():
+    assert runtime.xla_flags_with_cpu_defaults("", "0.10.2") == f"{YNN}=-individual_convolution"
+    assert (runtime.xla_flags_with_cpu_defaults("--xla_dump_to=/tmp/d", "0.10.0")
+            == f"--xla_dump_to=/tmp/d {YNN}=-individual_convolution")
+    assert runtime.xla_flags_with_cpu_defaults(f"{YNN}=+eltwise", "0.10.2") == f"{YNN}=+eltwise"
+    for version in ("0.9.2", "0.11.0", "1.0.0"):  # unknown flags abort XLA: leave other versions alone
+        assert runtime.xla_flags_with_cpu_defaults("--a=1", version) == "--a=1"
+
+
+def test_huge_pages_tunable_joins_the_users_tunables():
+    assert runtime.tunables_with_huge_pages("") == "glibc.malloc.hugetlb=1"
+    assert runtime.tunables_with_huge_pages("glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert runtime.tunables_with_huge_pages("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"
+
+
+def test_configure_respects_off_and_release_is_harmless():
+    environ = {"DDPM_JAX_CPU_TUNING": "off"}
+    runtime.configure(reexec=True, environ=environ)
+    assert environ == {"DDPM_JAX_CPU_TUNING": "off"}
+    runtime.release_free_host_memory()
+
+
+def _run_check(tmp_path, tuning):
+    out = tmp_path / f"{tuning}.npz"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    result = subprocess.run([sys.executable, "tests/runtime_check.py", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**env, "DDPM_JAX_CPU_TUNING": tuning, "PYTHONPATH": "tests"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(out)
+
+
+def test_cpu_settings_compute_the_same_function(tmp_path):
+    """The article U-Net's output and every parameter gradient agree with and without the
+    settings, which were really in effect (restarted with the tunable, the flag set)."""
+    tuned, plain = _run_check(tmp_path, "on"), _run_check(tmp_path, "off")
+    assert str(plain["xla_flags"]) == "" and str(plain["glibc_tunables"]) == ""
+    if runtime.xla_flags_with_cpu_defaults("", jaxlib.__version__):
+        assert YNN in str(tuned["xla_flags"])
+    if runtime._huge_pages_available():
+        assert "glibc.malloc.hugetlb=1" in str(tuned["glibc_tunables"])
+    keys = [k for k in plain.files if k == "out" or k.startswith("grad:")]
+    assert len(keys) > 40 and set(keys) <= set(tuned.files)
+    for key in keys:
+        np.testing.assert_allclose(tuned[key], plain[key], rtol=2e-4, atol=1e-6, err_msg=key)
