@@ -90,6 +90,25 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def unet_config(dataset: str, num_classes: int = 0) -> ml_collections.ConfigDict:
+    """base_config() with the residual/attention U-Net (models/unet.py) sized for a CPU, on
+    `dataset`: channels 16 at 28x28, 32 at 14x14, 64 at 7x7 (attention at 7x7), 2 res blocks
+    per level, dropout 0.1, EMA 0.999; 989,217 parameters unconditional. num_classes > 0
+    conditions it on the labels (classifier-free guidance). The configs/*_unet*.py files."""
+    config = base_config()
+    config.data.name = dataset
+    config.model.name = "unet"
+    config.model.channels = 16
+    config.model.channel_mults = (1, 2, 4)
+    config.model.num_res_blocks = 2
+    config.model.attention_resolutions = (7,)
+    config.model.num_groups = 8
+    config.model.dropout = 0.1
+    config.model.num_classes = num_classes
+    config.train.ema_decay = 0.999
+    return config
+
+
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     """A config rebuilt from its JSON form (a checkpoint's); fields added to base_config()
     after it was written take their defaults, which reproduce what the older code did."""

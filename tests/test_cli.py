@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from cli_helpers import cli_env, ok, user_error
+
 from ddpm_jax.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,33 +25,12 @@ TINY = ["--config", "configs/tiny.py"]
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    env = dict(os.environ)
-    env["DDPM_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))  # later runs reuse compiles
-    env["JAX_PLATFORMS"] = "cpu"
-    env["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
-    env["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))  # tfds' mock_data leaves an empty temp folder per run
-    return env
+    return cli_env(tmp_path_factory)
 
 
 def run(env, script, *args, mock=True, timeout=600):
     cmd = [sys.executable, "tests/mock_run.py", str(MOCK_EXAMPLES), script] if mock else [sys.executable, script]
     return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def user_error(result, *words):
-    """An expected mistake: exit 2, one line on stderr naming the problem, no traceback."""
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def params_of(workdir, which="latest"):

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
+from cli_helpers import cli_env, ok, user_error
+
 from ddpm_jax import evaluation as ev
 from ddpm_jax.data import to_model_range
 from ddpm_jax.errors import UserError
@@ -356,10 +358,7 @@ MOCK_EXAMPLES = 64
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = dict(os.environ)
-    env["DDPM_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))
-    env["JAX_PLATFORMS"] = "cpu"
-    env["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
+    env = cli_env(tmp_path_factory)
     env["DDPM_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     return env
 
@@ -368,21 +367,6 @@ def evaluate(env, *args, mock=True, timeout=600):
     cmd = [sys.executable, "tests/mock_run.py", str(MOCK_EXAMPLES), "evaluate.py"] if mock else [
         sys.executable, "evaluate.py"]
     return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def user_error(result, *words):
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def mock_split(split):

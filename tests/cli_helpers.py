@@ -1,0 +1,29 @@
+"""What the end-to-end CLI tests share: the subprocess environment and the result checks."""
+
+import os
+
+
+def cli_env(tmp_path_factory) -> dict:
+    """This process's environment, with the CLIs' caches and temp files in pytest folders, on the CPU."""
+    env = dict(os.environ)
+    env["DDPM_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))  # later runs reuse compiles
+    env["JAX_PLATFORMS"] = "cpu"
+    env["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
+    env["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))  # tfds' mock_data leaves an empty temp folder per run
+    return env
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def user_error(result, *words):
+    """An expected mistake: exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
