@@ -89,11 +89,14 @@ def configure(reexec: bool = False, environ=os.environ) -> None:
 
     environ["XLA_FLAGS"] = xla_flags_with_cpu_defaults(environ.get("XLA_FLAGS", ""), jaxlib.__version__)
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if reexec and _huge_pages_available() and tunables_with_huge_pages(tunables) != tunables:
-        environ["GLIBC_TUNABLES"] = tunables_with_huge_pages(tunables)
+    if reexec and sys.executable and _huge_pages_available() and tunables_with_huge_pages(tunables) != tunables:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+        try:
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+                      {**environ, "GLIBC_TUNABLES": tunables_with_huge_pages(tunables)})
+        except OSError:  # cannot restart (an unusual interpreter): go on without the tunable
+            pass
 
 
 def release_free_host_memory() -> None:
