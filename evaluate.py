@@ -16,6 +16,7 @@ implicitly), and stored under ~/.cache/ddpm_jax/classifiers/<dataset>/ (the root
 with --cache-dir or $DDPM_JAX_CACHE).
 """
 
+import functools
 import json
 import math
 import os
@@ -79,17 +80,6 @@ def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_output(path: str) -> None:
-    """Fails before any work if `path` exists (without --overwrite) or cannot be created."""
-    if os.path.exists(path) and not flag("overwrite"):
-        cli.fail(f"{path} exists; choose another name or pass --overwrite")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        cli.fail(f"cannot create {path}: {folder} is not a folder you can write; choose another output path")
-
-
 def _check_dataset(name):
     if name not in DATASETS:
         cli.fail(f"unknown dataset {name!r}: use {' or '.join(DATASETS)}")
@@ -136,8 +126,10 @@ def _read_samples(path: str) -> "np.ndarray":  # noqa: F821
     return images
 
 
+@functools.lru_cache(maxsize=None)
 def load_split(dataset: str, split: str, data_dir: str, manual_dir: str):
-    """data.load_split, its messages naming this script's flags."""
+    """data.load_split, its messages naming this script's flags; each split is read once
+    (--ckpt uses the test split for the metrics and for bits/dim)."""
     from ddpm_jax import data
     from ddpm_jax.errors import UserError
 
@@ -347,7 +339,7 @@ def main():
         _check_dataset(flag("dataset"))
     outputs = [p for p in (flag("json"), flag("save-samples") if flag("ckpt") else "") if p]
     for path in outputs:
-        _check_output(path)
+        cli.check_output(path, flag("overwrite"))
     if flag("save-samples") and not flag("save-samples").endswith(".npz"):
         cli.fail(f"--save-samples {flag('save-samples')}: the name must end in .npz")
     if flag("train-classifier"):

@@ -47,17 +47,6 @@ FLAGS = flags.FLAGS
 GIF_SAMPLES = 100
 
 
-def _check_output(path: str) -> None:
-    """Fails before any work if `path` exists (without --overwrite) or cannot be created."""
-    if os.path.exists(path) and not FLAGS.overwrite:
-        cli.fail(f"{path} exists; choose another name or pass --overwrite")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # the nearest existing ancestor must be a writable folder
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        cli.fail(f"cannot create {path}: {folder} is not a folder you can write; choose another output path")
-
-
 def main():
     if not FLAGS.ckpt:
         cli.fail("no checkpoint given; pass --ckpt with a workdir of train.py")
@@ -67,7 +56,7 @@ def main():
     if not outputs:
         cli.fail("nothing to write; give --out, --grid or --gif")
     for path in outputs:
-        _check_output(path)
+        cli.check_output(path, FLAGS.overwrite)
 
     import jax
     import numpy as np

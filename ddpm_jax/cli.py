@@ -27,6 +27,17 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_output(path: str, overwrite: bool) -> None:
+    """Fails before any work if `path` exists (without overwrite) or cannot be created."""
+    if os.path.exists(path) and not overwrite:
+        fail(f"{path} exists; choose another name or pass --overwrite")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the nearest existing ancestor must be a writable folder
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        fail(f"cannot create {path}: {folder} is not a folder you can write; choose another output path")
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 

@@ -36,7 +36,7 @@ import math
 import os
 import shutil
 import time
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -46,7 +46,9 @@ import optax
 
 from ddpm_jax.data import to_model_range
 from ddpm_jax.errors import UserError
+from ddpm_jax.sampling import SIGMAS, EpsFn, sample_keys
 from ddpm_jax.schedule import Schedule, posterior_mean, predict_x0, q_sample, reverse_mean
+from ddpm_jax.training import epoch_permutation
 
 # --------------------------------------------------------------------------- classifier
 
@@ -165,7 +167,7 @@ def train_classifier(images_u8, labels, config: ClassifierConfig = ClassifierCon
     with tqdm(total=config.epochs * steps_per_epoch, desc="Training classifier", unit="step",
               disable=not progress, leave=False) as bar:
         for epoch in range(config.epochs):
-            order = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
+            order = epoch_permutation(data_key, epoch, n)
             losses = []
             for i in range(steps_per_epoch):
                 params, opt_state, loss = step(params, opt_state, images_dev, labels_dev, order, i,
@@ -464,10 +466,6 @@ def compare_features(features, logits, reference_features, *, class_names=None, 
 
 # --------------------------------------------------------------------------- bits/dim
 
-EpsFn = Callable[[object, jnp.ndarray, jnp.ndarray], jnp.ndarray]
-SIGMAS = ("beta", "beta_tilde")
-
-
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (broadcasts)."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
@@ -592,8 +590,6 @@ def bits_per_dim(eps_fn: EpsFn, params, schedule: Schedule, images_u8, *, key: j
         raise UserError(f"need at least one image and batch_size >= 1, got {n} images, batch_size={batch_size}")
     batch = min(batch_size, n)
     from tqdm.auto import tqdm
-
-    from ddpm_jax.sampling import sample_keys
 
     terms, priors = [], []
     with tqdm(total=n, desc="Bits/dim", unit="img", disable=not progress, leave=False) as bar:

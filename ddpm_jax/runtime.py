@@ -62,11 +62,15 @@ def tunables_with_huge_pages(tunables: str) -> str:
     return f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
 
 
+def _on_glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _huge_pages_available() -> bool:
     """glibc >= 2.35 (it has the tunable) and transparent huge pages not switched off."""
-    libc, version = platform.libc_ver()
-    if platform.system() != "Linux" or libc != "glibc":
+    if not _on_glibc():
         return False
+    version = platform.libc_ver()[1]
     try:
         if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
             return False
@@ -102,7 +106,7 @@ def configure(reexec: bool = False, environ=os.environ) -> None:
 def release_free_host_memory() -> None:
     """Returns the heap's free pages to the OS (glibc's malloc_trim), e.g. what the compiler
     used. Cheap; a no-op off glibc."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if _on_glibc():
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
