@@ -71,9 +71,9 @@ def main(_):
         nonlocal state, position
         if position + chunk > steps_per_epoch:
             position = 0
-        state, losses = train_chunk(state, images, order, position, keys["train"], **options)
+        state, metrics = train_chunk(state, images, order, position, keys["train"], **options)
         position += chunk
-        return losses
+        return metrics["loss"]
 
     for _ in range(FLAGS.warmup):
         timed(run_chunk)

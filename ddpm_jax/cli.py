@@ -7,6 +7,7 @@ traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
@@ -40,6 +41,42 @@ def check_output(path: str, overwrite: bool) -> None:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: XLA's RESOURCE_EXHAUSTED (a jaxlib XlaRuntimeError /
+    JaxRuntimeError, on an accelerator or the host) or Python's MemoryError."""
+    if isinstance(e, MemoryError):
+        return True
+    names = {cls.__name__ for cls in type(e).__mro__}
+    return bool(names & {"XlaRuntimeError", "JaxRuntimeError"}) and (
+        "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e))
+
+
+def out_of_memory_message(e: BaseException, flag_values=flags.FLAGS) -> str:
+    """One line: what ran out, and the flag that makes the batches smaller."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    if len(first) > 160:
+        first = first[:157] + "..."
+    if "batch" in flag_values:  # sample.py, evaluate.py
+        hint = f"a smaller --batch (now {flag_values.batch})"
+    elif "config" in flag_values:  # train.py
+        config = flag_values.config
+        size = getattr(getattr(config, "train", None), "batch_size", None)
+        hint = "a smaller --config.train.batch_size" + (f" (now {size})" if size else "")
+    else:
+        hint = "a smaller batch"
+    return f"out of memory ({first}); try {hint}"
+
+
+def _without_closed_loop_echoes(hook):
+    """`hook` minus TensorStore's "Event loop is closed" echoes: when a checkpoint read or write
+    fails, Orbax closes its event loop and each array still in flight reports that; the failure
+    itself is reported as one line."""
+    def quiet(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+    return quiet
 
 
 def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
@@ -79,8 +116,10 @@ def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
     if len(rest) > 1:
         fail(f"unexpected arguments {' '.join(rest[1:])!r}; every option is a --flag (see --help)")
     runtime.enable_compilation_cache()
-    # tfds and Orbax log warnings through absl that say nothing to a user of the CLIs.
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    # tfds and Orbax log through absl what says nothing to a user of the CLIs; Orbax also logs
+    # every failure it then raises (with tracebacks): the raised error is what is reported.
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    sys.unraisablehook = _without_closed_loop_echoes(sys.unraisablehook)
     try:
         main()
     except UserError as e:
@@ -88,3 +127,12 @@ def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (OSError, ValueError) as e:  # a full disk: Python's OSError or TensorStore's ValueError (Orbax)
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+            raise
+        fail(f"no space left on device ({_one_line(e).split(' [tensorstore_spec=')[0][:200]}); free some space "
+             "and run the command again (a checkpoint being written is discarded, the earlier ones are kept)")
+    except Exception as e:  # noqa: BLE001 - only out-of-memory becomes one line; the rest keeps its traceback
+        if not is_out_of_memory(e):
+            raise
+        fail(out_of_memory_message(e))

@@ -5,42 +5,23 @@ Fashion-MNIST and MNIST), labels ``int32`` ``(N,)``. The model works in [-1, 1]:
 :func:`to_model_range` is the article's ``ToTensor()`` followed by
 ``Lambda(lambda x: (x - 0.5) * 2)``; :func:`from_model_range` goes back.
 
-Where the data comes from (:func:`load_split`)
----------------------------------------------
-* A split already prepared in the tfds ``data_dir`` is read as it is, in tfds' own
-  order (no shuffling): through ``builder.as_data_source`` (array_record, no
-  TensorFlow import, ~4 s for 60,000 images on 2 slow cores), or through
-  ``as_dataset(batch_size=-1)`` when the data was prepared in tfds' default
-  tfrecord format by something else.
-* Otherwise the dataset is prepared (in array_record format) from the original
-  archives, never from tfds' pre-built copies on GCS:
+Where the data comes from (:func:`load_split`): a split prepared in the tfds ``data_dir``
+is read as it is, in tfds' own order (``builder.as_data_source``: array_record, no
+TensorFlow import; or ``as_dataset`` for data prepared as tfrecord elsewhere). Otherwise
+tfds prepares it (array_record) from the archives its dataset code registers, taken from
+``manual_dir`` when set (tfds checks them against its registered checksums), else
+downloaded; tfds would retry an unreachable host for minutes, so one request with a
+3-second timeout is tried first. Every problem a user can fix is a one-line
+:class:`ddpm_jax.errors.UserError`.
 
-  - ``manual_dir`` set: the official ``.gz`` archives are taken from that folder,
-    either directly (``DIR/train-images-idx3-ubyte.gz`` ...) or from a per-dataset
-    subfolder (``DIR/fashion_mnist/train-images-idx3-ubyte.gz`` ...). tfds checks
-    them against its registered size and SHA-256; nothing is downloaded.
-  - ``manual_dir`` empty: the hosts tfds would download from are probed first
-    (TCP connect, 3 s); if one cannot be reached, a :class:`UserError` says so at
-    once instead of letting tfds retry for minutes.
-
-* Every problem a user can fix (unknown name, not prepared and no network,
-  missing or wrong archives) is a one-line :class:`ddpm_jax.errors.UserError`.
-
-tensorflow_datasets is imported inside the functions, so ``import ddpm_jax.data``
-stays cheap. ``tfds.testing.mock_data`` is supported: an unprepared dataset is
-first read through tfds (which the mock serves) before anything is diagnosed.
+tensorflow_datasets is imported inside the functions, so ``import ddpm_jax.data`` stays
+cheap. Under ``tfds.testing.mock_data`` an unprepared dataset is read from the mock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
-import tempfile
-import threading
-import time
-import urllib.parse
-import urllib.request
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +30,7 @@ from ddpm_jax.errors import UserError
 
 SUPPORTED_DATASETS = ("fashion_mnist", "mnist")
 
-# How long the connectivity probe waits before calling a download host unreachable.
+# How long the download check waits for the first archive's host to answer.
 _PROBE_TIMEOUT_S = 3.0
 
 
@@ -104,10 +85,6 @@ def _check_name(name: str) -> None:
         raise UserError(f"unknown dataset {name!r}: supported datasets are {', '.join(SUPPORTED_DATASETS)}")
 
 
-def _abspath(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path)) if path else ""
-
-
 def class_names(name: str) -> list[str]:
     """The label names of dataset ``name``, index = label, from tfds' own metadata.
 
@@ -146,202 +123,113 @@ def load_split(
     """The whole split of tfds dataset ``name`` in memory, in tfds' order.
 
     Returns ``(images, labels)``: images uint8 ``(N, H, W, C)`` (``(60000, 28, 28, 1)``
-    for the Fashion-MNIST/MNIST train split), labels int32 ``(N,)``.
+    for the Fashion-MNIST/MNIST train split), labels int32 ``(N,)``. ``split`` is any
+    tfds split string ('train', 'test', 'train[:10%]', ...).
 
     ``data_dir``: the tfds data folder ('' = tfds' default, ``~/tensorflow_datasets``
-    or ``$TFDS_DATA_DIR``). ``manual_dir``: a folder holding the official archives
-    (``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
-    ``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz``), directly or in
-    ``manual_dir/<name>/``; used only when the dataset is not prepared yet.
-    ``split`` is any tfds split string ('train', 'test', 'train[:10%]', ...).
-
-    Raises UserError for an unknown name or split, for a dataset that is not prepared
-    and cannot be downloaded, and for missing or corrupt archives in ``manual_dir``.
+    or ``$TFDS_DATA_DIR``). ``manual_dir``: a folder holding the archives tfds registers
+    for ``name`` (for MNIST and Fashion-MNIST ``train-images-idx3-ubyte.gz``, ...), directly
+    or in ``manual_dir/<name>/``; used only to prepare a dataset not prepared yet.
     """
     _check_name(name)
     import tensorflow_datasets as tfds
 
-    data_dir, manual_dir = _abspath(data_dir), _abspath(manual_dir)
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if builder.is_prepared():
-        return _read(builder, split)
-    # Not prepared here; under tfds.testing.mock_data reading works all the same.
-    try:
-        return _read(builder, split)
-    except UserError:
-        raise
-    except Exception:  # genuinely not prepared: prepare it below
-        pass
-    _prepare(builder, manual_dir)
-    return _read(tfds.builder(name, data_dir=data_dir or None), split)
+    builder = tfds.builder(name, data_dir=os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
+    if not builder.is_prepared():
+        try:
+            return _read(builder, split)  # tfds.testing.mock_data serves unprepared datasets
+        except NotImplementedError:  # no data to read: prepare it
+            _prepare(builder, os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else "")
+    return _read(builder, split)
 
 
 def _read(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All examples of ``split`` as (uint8 NHWC images, int32 labels)."""
+    """All examples of ``split``: (uint8 images (N, H, W, C), int32 labels (N,))."""
     import tensorflow_datasets as tfds
 
     image_key, label_key = builder.info.supervised_keys
     try:
         try:
             source = builder.as_data_source(split=split)
-        except NotImplementedError:  # prepared as tfrecord (tfds' default) elsewhere
-            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        except NotImplementedError:
+            if not builder.is_prepared():
+                raise
+            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))  # prepared as tfrecord
             images, labels = arrays[image_key], arrays[label_key]
         else:
             try:
                 records = source.__getitems__(list(range(len(source))))  # one batched read: ~2x faster
-            except TypeError:
-                # tfds.testing.mock_data (tfds 4.9.10) installs a __getitems__ that cannot be
-                # called (its partial lacks `self`); its __getitem__ works.
+            except TypeError:  # tfds.testing.mock_data's source (tfds 4.9.10) cannot read a batch
                 records = [source[i] for i in range(len(source))]
             images = (np.stack([r[image_key] for r in records]) if records
                       else np.zeros((0, *builder.info.features[image_key].shape), np.uint8))
             labels = np.array([r[label_key] for r in records])
-    except (KeyError, ValueError) as e:
-        if builder.is_prepared() and split.split("[")[0] not in builder.info.splits:
-            raise UserError(
-                f"unknown split {split!r} of {builder.name}: available splits are "
-                f"{', '.join(sorted(builder.info.splits))}"
-            ) from e
-        raise
+    except (KeyError, ValueError) as e:  # e.g. tfds' "Unknown split 'valid'. Should be one of ['test', 'train']."
+        raise UserError(f"cannot read split {split!r} of {builder.name}: {' '.join(str(e).split())}") from e
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise UserError(
-            f"{builder.name} does not hold fixed-size uint8 images (got {images.dtype} {images.shape}); "
-            f"supported datasets are {', '.join(SUPPORTED_DATASETS)}"
-        )
+        raise UserError(f"{builder.name} does not hold fixed-size uint8 images (got {images.dtype} {images.shape})")
     return images, np.asarray(labels, dtype=np.int32)
 
 
 def _prepare(builder, manual_dir: str) -> None:
-    """Download-and-prepare ``builder`` in array_record format, from manual_dir or the network."""
+    """tfds' download_and_prepare (array_record), from the archives in ``manual_dir`` or downloaded.
+
+    tfds keeps its downloads and extracted archives in ``<data_dir>/downloads`` (reused by a
+    later attempt; ~55 MB for MNIST or Fashion-MNIST, safe to delete once prepared).
+    """
     import tensorflow_datasets as tfds
 
-    name, root = builder.name, os.fspath(builder.data_dir_root)
-    variant_dir = builder.data_path
-    if variant_dir.exists():
-        # tfds would silently "reuse" it and the read would fail later.
-        raise UserError(
-            f"{variant_dir} exists but is not a complete tfds dataset (no dataset_info.json/features.json); "
-            "move it away and try again"
-        )
-    url_infos = builder.url_infos or {}
     if manual_dir:
-        source = _manual_source(name, manual_dir, url_infos)
-        # tfds checks the same registered size/SHA-256, but one archive at a time while
-        # it already extracts the others in background threads (which outlive its
-        # error); checking all first (~0.1 s) names every bad file and starts nothing.
-        bad = _checksum_mismatches(source, url_infos)
-        if bad:
-            raise UserError(_checksum_message(source, name, bad))
-        # The archives are read from `source`; tfds' download/extract folders are only
-        # scratch space here (~55 MB of decompressed IDX files), so they go to a temp dir.
-        with tempfile.TemporaryDirectory(prefix=f"ddpm_jax-{name}-") as scratch:
-            config = tfds.download.DownloadConfig(
-                manual_dir=source, extract_dir=os.path.join(scratch, "extracted"), try_download_gcs=False
-            )
-            try:
-                builder.download_and_prepare(
-                    download_dir=os.path.join(scratch, "downloads"), download_config=config, file_format="array_record"
-                )
-            except Exception as e:
-                if type(e).__name__ != "NonMatchingChecksumError":
-                    raise
-                bad = _checksum_mismatches(source, url_infos) or [str(e).splitlines()[0]]
-                raise UserError(_checksum_message(source, name, bad)) from None
+        manual_dir = _archives_folder(builder.name, manual_dir, _archives(builder))
     else:
-        unreachable = _unreachable(_download_endpoints(url_infos))
-        if unreachable:
-            raise UserError(
-                f"{name} is not prepared in {root} and cannot be downloaded (no network: cannot reach "
-                f"{', '.join(unreachable)}); pass --config.data.manual_dir=DIR with a folder holding the "
-                f"official archives ({', '.join(_expected_files(url_infos))})"
-            )
-        config = tfds.download.DownloadConfig(try_download_gcs=False)
+        _check_reachable(builder)
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
+    try:
         builder.download_and_prepare(download_config=config, file_format="array_record")
+    except tfds.core.download.download_manager.NonMatchingChecksumError as e:
+        # tfds: "Artifact URL, downloaded to PATH, has wrong checksum: ..."
+        found = re.search(r"Artifact (\S+), downloaded to (\S+), has wrong checksum", str(e))
+        what, source = (f"{found[2]} does not", f" from {found[1]}") if found else ("an archive does not", "")
+        raise UserError(f"{what} match the checksum tfds registers for {builder.name} (truncated or not the "
+                        f"official file); re-download it{source} and try again") from None
+    except tfds.download.DownloadError as e:
+        raise UserError(f"cannot download {builder.name}: {' '.join(str(e).split())}; pass "
+                        "--config.data.manual_dir=DIR with a folder holding its archives") from None
 
 
-def _expected_files(url_infos: dict) -> list[str]:
-    return sorted(info.filename or os.path.basename(urllib.parse.urlsplit(url).path) for url, info in url_infos.items())
+def _archives(builder) -> list[str]:
+    """The file names of the archives tfds registers for the dataset (sorted)."""
+    return sorted(info.filename for info in (builder.url_infos or {}).values())
 
 
-def _manual_source(name: str, manual_dir: str, url_infos: dict) -> str:
-    """The folder holding all archives tfds wants: manual_dir itself or manual_dir/<name>."""
+def _archives_folder(name: str, manual_dir: str, files: list[str]) -> str:
+    """``manual_dir/<name>`` if it is a folder, else ``manual_dir``; UserError if an archive is missing."""
     if not os.path.isdir(manual_dir):
-        raise UserError(f"manual_dir {manual_dir} does not exist or is not a folder; point it at the official {name} archives")
-    expected = _expected_files(url_infos)
-    candidates = [manual_dir, os.path.join(manual_dir, name)]
-    missing = {d: [f for f in expected if not os.path.isfile(os.path.join(d, f))] for d in candidates}
-    for d in candidates:
-        if not missing[d]:
-            return d
-    best = min(candidates, key=lambda d: len(missing[d]))  # manual_dir on ties
-    raise UserError(
-        f"manual_dir {best}: missing {', '.join(missing[best])} for {name}; put the official archives "
-        f"({', '.join(expected)}) in {manual_dir} or in {os.path.join(manual_dir, name)}"
-    )
+        raise UserError(f"manual_dir {manual_dir} does not exist or is not a folder; point it at the {name} archives")
+    folder = os.path.join(manual_dir, name) if os.path.isdir(os.path.join(manual_dir, name)) else manual_dir
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:  # tfds would try to download them
+        raise UserError(f"manual_dir {folder}: missing {', '.join(missing)} for {name}; put the archives "
+                        f"({', '.join(files)}) in {manual_dir} or in {os.path.join(manual_dir, name)}")
+    return folder
 
 
-def _checksum_message(folder: str, name: str, bad: list[str]) -> str:
-    return (
-        f"manual_dir {folder}: {'; '.join(bad)} (does not match the checksum tfds registers for {name}); "
-        "replace it with the official archive"
-    )
+def _check_reachable(builder) -> None:
+    """UserError at once if the first archive tfds would download cannot be reached.
 
-
-def _checksum_mismatches(folder: str, url_infos: dict) -> list[str]:
-    """'file: N bytes, expected M' / 'file: wrong SHA-256' for each archive tfds would reject."""
-    bad = []
-    for info in url_infos.values():
-        path = os.path.join(folder, info.filename)
-        size = os.path.getsize(path)
-        if size != info.size:
-            bad.append(f"{info.filename} has {size} bytes, expected {int(info.size)}")
-            continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != info.checksum:
-            bad.append(f"{info.filename} has the wrong SHA-256")
-    return sorted(bad)
-
-
-def _download_endpoints(url_infos: dict) -> list[tuple[str, int]]:
-    """(host, port) pairs tfds connects to for these URLs: the URL's host, or the proxy's."""
-    proxies = urllib.request.getproxies()
-    endpoints = set()
-    for url in url_infos:
-        parts = urllib.parse.urlsplit(url)
-        default_port = 443 if parts.scheme == "https" else 80
-        proxy = proxies.get(parts.scheme)
-        if proxy and not urllib.request.proxy_bypass(parts.hostname):
-            p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-            endpoints.add((p.hostname, p.port or (443 if p.scheme == "https" else 80)))
-        else:
-            endpoints.add((parts.hostname, parts.port or default_port))
-    return sorted(endpoints)
-
-
-def _unreachable(endpoints: list[tuple[str, int]], timeout: float = _PROBE_TIMEOUT_S) -> list[str]:
-    """The 'host:port' endpoints a TCP connection cannot be opened to within ``timeout`` s.
-
-    Probes run in daemon threads so a slow DNS lookup cannot hold the caller past
-    the deadline either.
+    ``requests`` is tfds' own HTTP client, so the same proxy settings apply.
     """
-    ok: dict[tuple[str, int], bool] = {}
+    import requests
 
-    def probe(endpoint):
-        try:
-            socket.create_connection(endpoint, timeout=timeout).close()
-            ok[endpoint] = True
-        except OSError:
-            ok[endpoint] = False
-
-    threads = [threading.Thread(target=probe, args=(ep,), daemon=True) for ep in endpoints]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    return [f"{h}:{p}" for h, p in endpoints if not ok.get((h, p), False)]
+    url = next(iter(builder.url_infos or {}), None)
+    if url is None:
+        return
+    try:
+        requests.head(url, timeout=_PROBE_TIMEOUT_S)
+    except requests.RequestException as e:
+        raise UserError(
+            f"{builder.name} is not prepared in {builder.data_dir_root} and cannot be downloaded (no network: "
+            f"{type(e).__name__} for {url}); pass --config.data.manual_dir=DIR with a folder holding its "
+            f"archives ({', '.join(_archives(builder))})"
+        ) from None

@@ -3,13 +3,16 @@
 What a run writes under `workdir`:
     checkpoints/<step>/   Orbax checkpoints: the latest few, the best by epoch loss,
                           one at every epoch end and at any early stop
-    metrics.jsonl         one JSON line per epoch: epoch, step, loss, seconds, images/s
+    metrics.jsonl         a JSON line every train.log_every_steps (step, loss, lr, grad_norm,
+                          images_per_s: means since the line before) and one per epoch
+                          (epoch, step, loss, seconds, images_per_s)
+    loss.png              the loss curve, and the loss per t-bucket of the final weights
     first_batch.png       the first training batch (as the article shows it)
     forward.png           that batch and its noised versions at 25/50/75/100 % of T
     samples/epoch_NNN.png a grid of samples every `train.sample_every_epochs` epochs
 
 Everything a step does depends only on the seed and the step number (see
-training.py), so a run stopped anywhere -- Ctrl-C, max_steps, kill -9 -- and
+training.py), so a run stopped anywhere -- Ctrl-C, SIGTERM, max_steps, kill -9 -- and
 rerun on the same workdir ends with exactly the parameters of a run that was
 never stopped.
 """
@@ -34,11 +37,12 @@ from ddpm_jax.data import load_split, to_model_range
 from ddpm_jax.errors import UserError
 from ddpm_jax.models import create_model
 from ddpm_jax.parallel import batch_sharding, check_divisible, initialize_distributed, make_mesh, replicated
-from ddpm_jax.sampling import SAMPLERS, SIGMAS, sample, sample_keys
+from ddpm_jax.sampling import SampleOptions, sample, sample_keys
 from ddpm_jax.schedule import make_schedule, q_sample
 from ddpm_jax.runtime import release_free_host_memory
 from ddpm_jax.training import (TrainState, compile_train_chunk, create_optimizer, create_train_state,
-                               epoch_permutation, run_keys, train_chunk)
+                               epoch_permutation, learning_rate, learning_rate_at, loss_per_t, run_keys,
+                               train_chunk)
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -61,9 +65,12 @@ def check_train_config(config) -> None:
                              ("train.max_steps", t.max_steps, 0), ("train.steps_per_chunk", t.steps_per_chunk, 1),
                              ("train.checkpoint_every_steps", t.checkpoint_every_steps, 1),
                              ("train.keep_checkpoints", t.keep_checkpoints, 1),
-                             ("train.sample_every_epochs", t.sample_every_epochs, 0)):
+                             ("train.sample_every_epochs", t.sample_every_epochs, 0),
+                             ("train.log_every_steps", t.log_every_steps, 1)):
         if not isinstance(value, int) or value < low:
             raise UserError(f"--config.{name} must be an integer >= {low}, got {value!r}")
+    if not t.max_minutes >= 0:
+        raise UserError(f"--config.train.max_minutes must be >= 0 (0 = no limit), got {t.max_minutes!r}")
     check_sample_config(config)
     m = config.model
     if not isinstance(m.num_classes, int) or m.num_classes < 0:
@@ -72,20 +79,9 @@ def check_train_config(config) -> None:
 
 def check_sample_config(config) -> None:
     """The `config.sample` fields, checked once (sample.py's flags override them)."""
-    s = config.sample
-    if s.sigma not in SIGMAS:
-        raise UserError(f"--config.sample.sigma must be one of {', '.join(SIGMAS)}, got {s.sigma!r}")
-    if s.sampler not in SAMPLERS:
-        raise UserError(f"--config.sample.sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
-    if not isinstance(s.num, int) or s.num < 1:
-        raise UserError(f"--config.sample.num must be an integer >= 1, got {s.num!r}")
-    if not isinstance(s.steps, int) or not 0 <= s.steps <= config.diffusion.n_steps:
-        raise UserError(f"--config.sample.steps must be an integer from 0 (all) to diffusion.n_steps "
-                        f"({config.diffusion.n_steps}), got {s.steps!r}")
-    if not 0.0 <= s.eta <= 1.0:
-        raise UserError(f"--config.sample.eta must lie in [0, 1], got {s.eta!r}")
-    if s.guidance < 0:
-        raise UserError(f"--config.sample.guidance must be >= 0, got {s.guidance!r}")
+    SampleOptions.from_config(config.sample).validate(config.diffusion.n_steps)
+    if not isinstance(config.sample.num, int) or config.sample.num < 1:
+        raise UserError(f"--config.sample.num must be an integer >= 1, got {config.sample.num!r}")
 
 
 def _checkpoint_tree(state: TrainState, root_key: jax.Array) -> dict:
@@ -118,26 +114,34 @@ def _trim_metrics(path: str, last_step: int) -> None:
 
 
 class _StopRequest:
-    """Turns the first Ctrl-C into a request to save and stop after the current chunk."""
+    """Turns the first Ctrl-C or SIGTERM (what schedulers, `timeout` and `docker stop` send)
+    into a request to save and stop after the current chunk; `signal` records which."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signal = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handler(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop at once
+        if self.requested:  # a second signal: stop at once
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Ctrl-C: saving a checkpoint and stopping (press again to abort without saving)")
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint and stopping "
+                   "(send it again to abort without saving)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _write_start_pictures(workdir, images, order, schedule, batch_size, key) -> None:
@@ -158,19 +162,10 @@ def _check_same_run(manager, config_dict: dict, workdir: str) -> None:
     latest = checkpoint.latest_step(manager)
     if latest is None:
         return
-    diffs = run_defining_differences(_read_latest(manager, latest, checkpoint.read_meta)["config"], config_dict)
+    diffs = run_defining_differences(checkpoint.read_meta(manager, latest)["config"], config_dict)
     if diffs:
         raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
                         "use another --workdir or the same settings")
-
-
-def _read_latest(manager, step, read, *args):
-    """read(manager, step, *args), with training's advice if that checkpoint is unreadable."""
-    try:
-        return read(manager, step, *args)
-    except checkpoint.CorruptCheckpointError as e:
-        raise UserError(f"the latest checkpoint {e.step_dir} cannot be read ({e.cause}); move that folder out of "
-                        f"{manager.directory} to resume from the one before it, or use another --workdir") from e
 
 
 def _resume(manager, state: TrainState, root_key):
@@ -178,7 +173,7 @@ def _resume(manager, state: TrainState, root_key):
     latest = checkpoint.latest_step(manager)
     if latest is None:
         return state, root_key, math.inf, 0.0
-    tree, meta = _read_latest(manager, latest, checkpoint.restore, _checkpoint_tree(state, root_key))
+    tree, meta = checkpoint.restore(manager, latest, _checkpoint_tree(state, root_key))
     state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"],
                           ema_params=tree.get("ema_params"))
     best_loss = meta["best_loss"] if meta.get("best_loss") is not None else math.inf
@@ -192,9 +187,10 @@ def _all_finite(tree) -> jnp.ndarray:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (or resumes training) the model `config` describes; returns a summary dict:
-    {'step', 'steps_per_epoch', 'stop_reason' ('finished' | 'max_steps' | 'interrupted'),
-    'best_loss', 'workdir'}."""
+    {'step', 'steps_per_epoch', 'stop_reason' ('finished' | 'max_steps' | 'max_minutes' | 'interrupted'),
+    'signal' (the signal number that interrupted it, else None), 'best_loss', 'workdir'}."""
     check_train_config(config)
+    deadline = time.monotonic() + 60 * config.train.max_minutes if config.train.max_minutes else math.inf
     initialize_distributed(config.distributed)
     mesh = make_mesh()
     check_divisible(config.train.batch_size, mesh)
@@ -225,13 +221,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         model = create_model(config, image_shape)
         root_key = jax.random.key(config.seed)
-        state = create_train_state(model, make_schedule(config.diffusion), create_optimizer(config.optim),
+        lr = learning_rate(config.optim, planned_steps)
+        d = config.diffusion
+        state = create_train_state(model, make_schedule(d), create_optimizer(config.optim, planned_steps),
                                    run_keys(root_key)["init"], image_shape, ema_decay=config.train.ema_decay,
-                                   num_classes=num_classes, label_dropout=config.train.label_dropout)
+                                   num_classes=num_classes, label_dropout=config.train.label_dropout,
+                                   prediction=d.prediction, loss_weighting=d.loss_weighting, snr_gamma=d.snr_gamma)
         state = jax.device_put(state, replicated(mesh))  # restored checkpoints take this sharding too
-        # The initialisation's program is not needed again: drop it and what compiling it took.
-        jax.clear_caches()
-        release_free_host_memory()
+        release_free_host_memory()  # what compiling the initialisation took
         state, root_key, best_loss, epoch_loss_sum = _resume(manager, state, root_key)
         keys = run_keys(root_key)
         step = int(state.step)
@@ -267,16 +264,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 release_free_host_memory()
             bar = None
             epoch_start, epoch_steps_run = time.monotonic(), 0
-            while step < total_steps and not stop.requested:
+            log = _ChunkLog(metrics_path if lead else None, batch_size, config.train.log_every_steps)
+            chunk_seconds = 0.0
+            # The time limit stops before a chunk that would end past it (a chunk takes about the last one's time).
+            while step < total_steps and not stop.requested and time.monotonic() + chunk_seconds < deadline:
+                chunk_start = time.monotonic()
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 if bar is None:
                     bar = tqdm(total=steps_per_epoch, initial=in_epoch, leave=False, unit="step",
                                desc=f"Epoch {epoch + 1}/{config.train.num_epochs}",
                                disable=not (config.train.progress and lead))
                 n = _chunk_length(step, steps_per_epoch, chunk, total_steps)
-                state, losses = train_chunk(state, device_images, order, in_epoch, keys["train"], num_steps=n,
-                                            batch_size=batch_size, labels=device_labels, batch_sharding=split)
-                losses = np.asarray(losses)
+                state, metrics = train_chunk(state, device_images, order, in_epoch, keys["train"], num_steps=n,
+                                             batch_size=batch_size, labels=device_labels, batch_sharding=split)
+                losses = np.asarray(metrics["loss"])
                 if not np.all(np.isfinite(losses)):
                     bad = step + int(np.argmin(np.isfinite(losses))) + 1
                     raise UserError(_nan_message(bad, f"the loss became {losses[~np.isfinite(losses)][0]}", manager))
@@ -285,6 +286,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 epoch_loss_sum += float(losses.sum(dtype=np.float64))
                 bar.update(n)
                 bar.set_postfix(loss=f"{epoch_loss_sum / (in_epoch + n):.4f}")
+                log.add(step, losses, np.asarray(metrics["grad_norm"]), learning_rate_at(lr, step))
+                chunk_seconds = time.monotonic() - chunk_start
                 if step % steps_per_epoch:
                     if step // every > (step - n) // every:  # at the first chunk end past a multiple
                         save()
@@ -315,6 +318,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 bar.close()
             save()  # the last step is never lost; a no-op if it is saved already
             manager.wait_until_finished()
+            if not stop.requested:  # a signal asks to stop soon
+                _save_loss_figure(workdir, metrics_path, state, device_images, keys["sample"], batch_size, lead)
     finally:
         manager.close()
 
@@ -322,13 +327,57 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stop_reason = "finished"
     elif stop.requested:
         stop_reason = "interrupted"
-        print(f"Interrupted at step {step}; checkpoint saved. Rerun the same command to continue.")
-    else:
+        print(f"Interrupted ({signal.Signals(stop.signal).name}) at step {step}; checkpoint saved. "
+              "Rerun the same command to continue.")
+    elif step >= total_steps:
         stop_reason = "max_steps"
         print(f"Stopped at step {step} (train.max_steps); rerun with a larger --config.train.max_steps "
               "(0 = no cap) to continue")
-    return {"step": step, "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason,
+    else:
+        stop_reason = "max_minutes"
+        print(f"Stopped at step {step}: train.max_minutes ({config.train.max_minutes}) is spent; rerun with a larger "
+              "--config.train.max_minutes (0 = no limit) to continue")
+    return {"step": step, "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "signal": stop.signal,
             "best_loss": None if math.isinf(best_loss) else best_loss, "workdir": workdir}
+
+
+class _ChunkLog:
+    """metrics.jsonl's training lines: at the first chunk end past each multiple of `every`
+    steps, the means since the line before (loss, gradient norm), the learning rate and images/s."""
+
+    def __init__(self, path: str | None, batch_size: int, every: int):
+        self.path, self.batch_size, self.every = path, batch_size, every
+        self.losses, self.grad_norms, self.start = [], [], time.monotonic()
+
+    def add(self, step: int, losses: np.ndarray, grad_norms: np.ndarray, lr: float) -> None:
+        self.losses.append(losses)
+        self.grad_norms.append(grad_norms)
+        n = len(losses)
+        if self.path is None or step // self.every == (step - n) // self.every:
+            return
+        losses, grad_norms = np.concatenate(self.losses), np.concatenate(self.grad_norms)
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        record = {"step": step, "loss": float(losses.mean(dtype=np.float64)),
+                  "grad_norm": float(grad_norms.mean(dtype=np.float64)), "lr": lr,
+                  "images_per_s": round(len(losses) * self.batch_size / seconds, 1)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.losses, self.grad_norms, self.start = [], [], time.monotonic()
+
+
+def _save_loss_figure(workdir, metrics_path, state, images, key, batch_size, lead) -> None:
+    """loss.png: the logged training loss against the step, and the loss per tenth of
+    [0, T) of the final weights on one batch of training images (which timesteps are hard)."""
+    # The pictures' stream: forward.png folds in 0..3, the epoch grids 1000 + epoch.
+    buckets = loss_per_t(state, to_model_range(images[:batch_size]), jax.random.fold_in(key, 2**20), num_buckets=10)
+    if not lead:  # every host computes (the program is global), one writes
+        return
+    records = []
+    if os.path.exists(metrics_path):  # a run shorter than log_every_steps logged nothing
+        with open(metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    curve = [(r["step"], r["loss"]) for r in records if "grad_norm" in r]
+    viz.save_loss_figure(os.path.join(workdir, "loss.png"), curve, np.asarray(buckets), state.schedule.n_steps)
 
 
 def _chunk_length(step: int, steps_per_epoch: int, chunk: int, total_steps: int) -> int:
@@ -354,8 +403,8 @@ def _save_sample_grid(config, model, state, image_shape, workdir, epoch, sample_
     cols = -(-s.num // num_classes) if num_classes else None
     labels = jnp.arange(s.num) // cols if num_classes else None
     params = state.ema_params if state.ema_params is not None else state.params
-    x0, _ = sample(model.apply, {"params": params}, state.schedule, keys, image_shape, sampler=s.sampler,
-                   steps=s.steps, sigma=s.sigma, eta=s.eta, clip_x0=s.clip_x0, labels=labels,
-                   guidance=s.guidance if num_classes else 0.0)
+    x0, _ = sample(model.apply, {"params": params}, state.schedule, keys, image_shape,
+                   SampleOptions.from_config(s, guidance=s.guidance if num_classes else 0.0), labels=labels,
+                   prediction=state.prediction)
     if lead:  # every host samples (the program is global), one writes
         viz.save_grid(os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"), np.asarray(x0), cols=cols)

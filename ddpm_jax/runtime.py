@@ -10,7 +10,10 @@ Measured on a 2-core AVX-512 machine with the article's U-Net at batch 128
   `glibc.malloc.hugetlb=1` (glibc >= 2.35) has malloc ask for transparent huge
   pages, which cuts the faults 180-fold: steps run ~25 % faster, and peak memory
   is no higher. glibc reads tunables only when a process starts, so the CLIs
-  start themselves once more with it set (`configure(reexec=True)`).
+  start themselves once more with it set (`configure(reexec=True)`) -- only when
+  the process will compute on the CPU (`expects_cpu_backend`: decided from
+  JAX_PLATFORMS and the installed accelerator plugins, without starting a
+  backend) and the tunable is not set yet. A GPU or TPU process is not restarted.
 * XLA flags. jaxlib 0.10 routes convolutions through YNNPACK by default; its
   kernels for this network's narrow convolutions (10-80 channels) are slower
   than XLA's Eigen ones, so the CPU defaults turn that one routing off. A flag
@@ -80,12 +83,68 @@ def _huge_pages_available() -> bool:
         return False
 
 
+# Distributions whose presence means JAX may pick an accelerator, and the device files that say
+# one is there (jax falls back to the CPU without them).
+_ACCELERATOR_DEVICE_FILES = {
+    "cuda": ("/dev/nvidiactl", "/dev/nvidia0"),
+    "rocm": ("/dev/kfd",),
+    "tpu": ("/dev/accel0", "/dev/vfio/0"),
+}
+
+
+def _installed_accelerator_plugins() -> set[str]:
+    """Kinds ('cuda', 'rocm', 'tpu') of the installed JAX accelerator plugins, found where JAX looks
+    for them (the `jax_plugins` entry points and namespace package) and in the installed
+    distributions (libtpu); imports no plugin."""
+    import importlib.util
+    import pkgutil
+    from importlib import metadata
+
+    names = set()
+    try:
+        names |= {f"{ep.name} {ep.value}".lower() for ep in metadata.entry_points(group="jax_plugins")}
+    except Exception:  # broken metadata: look at the rest
+        pass
+    try:
+        spec = importlib.util.find_spec("jax_plugins")
+        if spec is not None and spec.submodule_search_locations:
+            names |= {f"xla {m.name}".lower() for m in pkgutil.iter_modules(spec.submodule_search_locations)}
+    except (ImportError, ValueError):
+        pass
+    try:
+        names |= {(dist.metadata["Name"] or "").lower().replace("_", "-") for dist in metadata.distributions()}
+    except Exception:
+        pass
+    kinds = set()
+    for name in names:  # e.g. jax-cuda12-plugin (entry point xla_cuda12), jax-rocm7-plugin, libtpu
+        for kind in ("cuda", "rocm", "tpu"):
+            if kind in name and ("jax" in name or "xla" in name or name.startswith("lib" + kind)):
+                kinds.add(kind)
+    return kinds
+
+
+def expects_cpu_backend(environ=os.environ, plugins=None, exists=None) -> bool:
+    """Whether JAX will compute on the CPU here, decided without starting a backend.
+
+    JAX_PLATFORMS decides when set (its first entry is JAX's choice); otherwise JAX picks
+    an accelerator when a plugin for it is installed (jax-cuda*-plugin, jax-rocm*-plugin,
+    libtpu) and its device files exist, and the CPU otherwise. `plugins` (a set of
+    kinds) and `exists` replace the installed plugins and os.path.exists in tests.
+    """
+    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms[0] == "cpu"
+    plugins = _installed_accelerator_plugins() if plugins is None else plugins
+    exists = os.path.exists if exists is None else exists
+    return not any(exists(path) for kind in plugins for path in _ACCELERATOR_DEVICE_FILES.get(kind, ()))
+
+
 def configure(reexec: bool = False, environ=os.environ) -> None:
     """Applies the settings above to this process; call it before JAX's first computation.
 
-    reexec=True (the CLIs' entry points only): if the allocator's tunable is not in
-    effect yet, restart this same command line with it set; returns only when no
-    restart is needed.
+    reexec=True (the CLIs' entry points only): if the process will compute on the CPU
+    (`expects_cpu_backend`) and the allocator's tunable is not in effect yet, restart
+    this same command line with it set; returns only when no restart is needed.
     """
     if not tuning_enabled(environ):
         return
@@ -93,7 +152,8 @@ def configure(reexec: bool = False, environ=os.environ) -> None:
 
     environ["XLA_FLAGS"] = xla_flags_with_cpu_defaults(environ.get("XLA_FLAGS", ""), jaxlib.__version__)
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if reexec and sys.executable and _huge_pages_available() and tunables_with_huge_pages(tunables) != tunables:
+    if (reexec and sys.executable and tunables_with_huge_pages(tunables) != tunables and _huge_pages_available()
+            and expects_cpu_backend(environ)):
         sys.stdout.flush()
         sys.stderr.flush()
         try:

@@ -140,6 +140,40 @@ def respaced_timesteps(n_steps: int, steps: int) -> np.ndarray:
     return np.round(np.linspace(0, n_steps - 1, steps)).astype(np.int32)
 
 
+SPACINGS = ("linear", "quadratic", "logsnr")
+
+
+def spaced_timesteps(schedule: Schedule, steps: int, spacing: str = "linear") -> np.ndarray:
+    """`steps` distinct timesteps in [0, T-1], ascending, first 0 and last T-1, spread
+    'linear' (round(linspace(0, T-1, steps)), as respaced_timesteps), 'quadratic'
+    (round((T-1) (k / (steps-1))^2): denser near t = 0, as DDIM's CIFAR-10 setting) or
+    'logsnr' (evenly in log-SNR, lambda_t = log(alpha_bar_t / (1 - alpha_bar_t)) / 2, as
+    DPM-Solver suggests for small images). Needs a concrete schedule (outside jit)."""
+    n_steps = schedule.n_steps
+    if spacing == "linear":
+        return respaced_timesteps(n_steps, steps)
+    if spacing not in SPACINGS:
+        raise UserError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    respaced_timesteps(n_steps, steps)  # the same bounds check
+    if steps == 1:
+        return np.array([n_steps - 1], np.int32)
+    fractions = np.linspace(0.0, 1.0, steps)
+    if spacing == "quadratic":
+        t = np.round((n_steps - 1) * fractions**2)
+    else:
+        alpha_bars = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
+        lambdas = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
+        wanted = lambdas[0] + fractions * (lambdas[-1] - lambdas[0])
+        t = np.round(np.interp(-wanted, -lambdas, np.arange(n_steps, dtype=np.float64)))
+    t = t.astype(np.int64)
+    # Rounding can repeat a timestep where the spacing is finer than 1: keep them distinct.
+    for k in range(1, steps):
+        t[k] = max(t[k], t[k - 1] + 1)
+    for k in range(steps - 1, -1, -1):
+        t[k] = min(t[k], n_steps - steps + k)
+    return t.astype(np.int32)
+
+
 def respace(schedule: Schedule, timesteps) -> Schedule:
     """The schedule of the Markov chain that visits only `timesteps` (ascending): step i
     goes from timesteps[i] to timesteps[i-1] with beta'_i = 1 - alpha_bar[t_i] / alpha_bar[t_{i-1}]

@@ -32,7 +32,7 @@ def train(mesh, scan, steps=4):
     split = batch_sharding(mesh) if mesh.size > 1 else None
     state, losses = train_chunk(state, images, order, 0, keys["train"], num_steps=steps, batch_size=BATCH,
                                 scan=scan, batch_sharding=split)
-    return state, np.asarray(losses), images, order
+    return state, np.asarray(losses["loss"]), images, order
 
 
 def main():

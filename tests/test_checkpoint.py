@@ -1,13 +1,15 @@
-"""Tests for ddpm_jax.checkpoint: round trips, retention, resolve, load_checkpoint, errors."""
+"""Tests for ddpm_jax.checkpoint: round trips, retention, resolve, load_checkpoint, errors, a full disk."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import hashlib
 import json
-import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,17 @@ import pytest
 from ddpm_jax import checkpoint as ckpt
 from ddpm_jax.config import base_config
 from ddpm_jax.errors import UserError
+
+# A failed read of a damaged checkpoint leaves TensorStore callbacks and coroutines that report
+# themselves as unraisable exceptions later, when they are collected.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_failed_reads():
+    """Collects those leftovers before the module ends, under its warning filter."""
+    yield
+    gc.collect()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -142,24 +155,6 @@ def test_save_restore_round_trip_is_bit_exact(tmp_path, abstract):
     assert restored_meta == as_json(meta)
 
 
-def test_meta_is_stored_as_plain_json(tmp_path):
-    meta = make_meta(epoch_loss_sum=np.float32(1.5), epoch=np.int64(3), image_shape=(28, 28, 1))
-    with ckpt.open_manager(str(tmp_path)) as manager:
-        ckpt.save(manager, 1, make_state(), meta)
-        manager.wait_until_finished()
-        _, restored_meta = ckpt.restore(manager, 1, jax.eval_shape(make_state))
-    assert restored_meta["epoch_loss_sum"] == 1.5 and isinstance(restored_meta["epoch_loss_sum"], float)
-    assert restored_meta["epoch"] == 3 and isinstance(restored_meta["epoch"], int)
-    assert restored_meta["image_shape"] == [28, 28, 1]
-    assert restored_meta["config"] == as_json(base_config().to_dict())
-
-
-def test_meta_without_config_is_refused(tmp_path):
-    with ckpt.open_manager(str(tmp_path)) as manager:
-        with pytest.raises(ValueError, match="config"):
-            ckpt.save(manager, 1, make_state(), {"epoch": 1})
-
-
 # --------------------------------------------------------------------------- retention
 
 
@@ -173,15 +168,15 @@ def test_retention_keeps_latest_n_and_the_best(tmp_path):
     # A new manager (a resumed run) reads the metrics back and continues the same way.
     with ckpt.open_manager(workdir, keep=2) as manager:
         assert manager.all_steps() == [2, 5, 6]
-        assert ckpt.best_step(manager) == 2
-        assert ckpt.latest_step(manager) == 6
+        assert manager.best_step() == 2
+        assert manager.latest_step() == 6
         ckpt.save(manager, 7, make_state(), make_meta(), epoch_loss=None)
         ckpt.save(manager, 8, make_state(), make_meta(), epoch_loss=None)
     assert step_dirs(workdir) == [2, 7, 8]  # metric-less saves did not evict the best
 
     with ckpt.open_manager(workdir, keep=2) as manager:
         ckpt.save(manager, 9, make_state(), make_meta(), epoch_loss=0.1)
-        assert ckpt.best_step(manager) == 9
+        assert manager.best_step() == 9
     assert step_dirs(workdir) == [8, 9]  # the old best is no longer special
 
 
@@ -189,8 +184,8 @@ def test_saves_without_finite_metric_are_never_best(tmp_path):
     workdir = str(tmp_path)
     write_run(workdir, [None, float("nan"), None, float("inf")], keep=1)
     with ckpt.open_manager(workdir, keep=1) as manager:
-        assert ckpt.best_step(manager) is None
-        assert ckpt.latest_step(manager) == 4
+        assert manager.best_step() is None
+        assert manager.latest_step() == 4
     assert step_dirs(workdir) == [4]
     assert ckpt.resolve(workdir, "best") == (os.path.join(workdir, "checkpoints"), 4)
 
@@ -202,21 +197,8 @@ def test_saving_an_existing_or_older_step_is_skipped(tmp_path):
     with ckpt.open_manager(workdir) as manager:
         assert ckpt.save(manager, 2, make_state(seed=5), make_meta(), epoch_loss=0.0) is False
         assert ckpt.save(manager, 1, make_state(seed=5), make_meta(), epoch_loss=0.0) is False
-        assert ckpt.best_step(manager) == 2
+        assert manager.best_step() == 2
     assert snapshot(workdir) == before
-
-
-@pytest.mark.parametrize("keep", [0, -1, 1.5, True])
-def test_bad_keep_is_a_user_error(tmp_path, keep):
-    with pytest.raises(UserError, match="keep"):
-        ckpt.open_manager(str(tmp_path), keep=keep)
-    assert os.listdir(tmp_path) == []
-
-
-def test_open_manager_without_create_needs_the_folder(tmp_path):
-    with pytest.raises(UserError, match="no checkpoints folder"):
-        ckpt.open_manager(str(tmp_path), create=False)
-    assert os.listdir(tmp_path) == []
 
 
 def test_checkpoint_written_on_another_device_restores_here(trained_copy):
@@ -236,7 +218,7 @@ def test_checkpoint_written_on_another_device_restores_here(trained_copy):
 
     _, params, _ = ckpt.load_checkpoint(trained_copy)
     assert_trees_bit_equal(params, make_state(seed=2)["params"])
-    with ckpt.open_manager(trained_copy, create=False) as manager:
+    with ckpt.open_manager(trained_copy) as manager:
         state, _ = ckpt.restore(manager, 2, jax.eval_shape(lambda: make_state(ema=True)))
     assert_trees_bit_equal(state, make_state(seed=2, ema=True))
     assert all(x.sharding.device_set == {device} for x in jax.tree.leaves(state))
@@ -377,117 +359,91 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_step_folder_is_a_user_error_and_nothing_is_touched(trained_copy, corruption):
+def test_corrupt_step_folder_is_one_line_naming_it_and_nothing_is_touched(trained_copy, corruption):
     step_dir = os.path.join(trained_copy, "checkpoints", "2")
     CORRUPTIONS[corruption](step_dir)
     before = snapshot(trained_copy)
 
-    with pytest.raises(UserError) as info:
+    with pytest.raises(ckpt.CheckpointError) as info:
         ckpt.load_checkpoint(step_dir)
     message = str(info.value)
-    assert "\n" not in message
-    assert step_dir in message
-    assert "corrupt or incomplete" in message and "steps: 1, 3" in message
-    if corruption != "emptied":  # (emptied, it has no metric: step 1 becomes the best)
-        with pytest.raises(UserError, match="corrupt or incomplete"):
-            ckpt.load_checkpoint(trained_copy, "best")  # step 2 is the best
-
+    assert isinstance(info.value, UserError) and "\n" not in message
+    assert f"cannot read checkpoint {step_dir} (" in message and "move that folder out" in message
     with ckpt.open_manager(trained_copy) as manager:
-        with pytest.raises(UserError, match="corrupt or incomplete") as info:
+        with pytest.raises(ckpt.CheckpointError, match=f"cannot read checkpoint {step_dir} "):
             ckpt.restore(manager, 2, jax.eval_shape(lambda: make_state(ema=True)))
-        assert "\n" not in str(info.value)
     assert snapshot(trained_copy) == before
 
 
-def test_corrupt_metrics_file_is_named_and_only_blocks_what_needs_it(trained_copy):
-    metrics_file = os.path.join(trained_copy, "checkpoints", "1", "metrics", "metrics")
-    _truncate(metrics_file)
+def test_corrupt_metrics_file_is_one_line_naming_the_folder(trained_copy):
+    _truncate(os.path.join(trained_copy, "checkpoints", "1", "metrics", "metrics"))
     before = snapshot(trained_copy)
-    # Ranking ('best') and the training manager read every step's metrics.
-    for call in (lambda: ckpt.load_checkpoint(trained_copy, "best"), lambda: ckpt.open_manager(trained_copy)):
-        with pytest.raises(UserError, match="cannot read the checkpoints") as info:
-            call()
-        assert f"{metrics_file} is corrupt" in str(info.value) and "\n" not in str(info.value)
-    # Loading the latest, or another step folder, does not need them...
-    assert ckpt.load_checkpoint(trained_copy, "latest")[2]["checkpoint_step"] == 3
-    assert ckpt.load_checkpoint(os.path.join(trained_copy, "checkpoints", "2"))[2]["checkpoint_step"] == 2
-    # ...but step 1 itself is corrupt.
-    with pytest.raises(UserError, match="checkpoints/1 is corrupt or incomplete"):
-        ckpt.load_checkpoint(os.path.join(trained_copy, "checkpoints", "1"))
+    for call in (lambda: ckpt.load_checkpoint(trained_copy), lambda: ckpt.open_manager(trained_copy)):
+        with pytest.raises(ckpt.CheckpointError) as info:
+            call()  # Orbax reads every step's metrics when it opens the folder
+        message = str(info.value)
+        assert "\n" not in message and os.path.join(trained_copy, "checkpoints") in message
     assert snapshot(trained_copy) == before
 
 
 def test_restore_into_a_different_structure_is_a_user_error(trained):
     before = snapshot(trained)
-    with ckpt.open_manager(trained, create=False) as manager:
-        no_ema = jax.eval_shape(lambda: make_state())
-        with pytest.raises(UserError, match=r"only in the checkpoint: ema_params\.") as info:
-            ckpt.restore(manager, 2, no_ema)
-        assert "\n" not in str(info.value)
+    with ckpt.open_manager(trained) as manager:
         wider = make_state(ema=True)
         wider["params"]["Dense_0"]["bias"] = jnp.zeros((5,))
-        with pytest.raises(UserError, match=r"shape differs: params\.Dense_0\.bias \(4,\) vs \(5,\)"):
+        with pytest.raises(UserError, match="cannot read checkpoint .*checkpoints/2 ") as info:
             ckpt.restore(manager, 2, jax.eval_shape(lambda: wider))
-        with pytest.raises(UserError, match="no finished checkpoint for step 4"):
-            ckpt.restore(manager, 4, no_ema)
+        assert "\n" not in str(info.value)
+        with pytest.raises(UserError, match="cannot read checkpoint .*checkpoints/4 "):
+            ckpt.restore(manager, 4, jax.eval_shape(lambda: make_state(ema=True)))
     assert snapshot(trained) == before
 
 
-# --------------------------------------------------------------------------- logging
+# --------------------------------------------------------------------------- a full disk
 
-
-def test_orbax_chatter_is_silenced(tmp_path, caplog):
-    def orbax_records():
-        return [r for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname]
-
-    with caplog.at_level(logging.INFO, logger="absl"):
-        write_run(str(tmp_path), [None, 0.5])  # a metric-less save makes Orbax warn
-        ckpt.load_checkpoint(str(tmp_path))  # read-only managers make Orbax warn
-        assert orbax_records() == []
-        ckpt.orbax_logging(verbose=True)
-        try:
-            ckpt.resolve(str(tmp_path))
-            assert orbax_records() != []  # proves the capture sees them when not filtered
-        finally:
-            ckpt.orbax_logging(verbose=False)
-
-
-_QUIET_SCRIPT = r"""
-import glob, os, sys
+_DISK_FULL_SCRIPT = r"""
+import errno, sys
 import jax.numpy as jnp
-from ddpm_jax import checkpoint as ckpt
-from ddpm_jax.errors import UserError
-workdir = sys.argv[1]
-state = {"params": {f"l{i}": {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)} for i in range(4)},
-         "step": jnp.asarray(0, jnp.int32)}
-meta = {"config": {"seed": 0}}
-with ckpt.open_manager(workdir, keep=1) as manager:
-    ckpt.save(manager, 1, state, meta)                    # no metric: Orbax warns
-    ckpt.save(manager, 2, state, meta, epoch_loss=0.5)
-    ckpt.save(manager, 2, state, meta, epoch_loss=0.5)    # exists: skipped
-print("best", ckpt.load_checkpoint(workdir)[2]["checkpoint_step"])
-for p in glob.glob(os.path.join(workdir, "checkpoints", "2", "state", "d", "*")):
-    with open(p, "r+b") as fh:
-        fh.truncate(os.path.getsize(p) // 2)  # several arrays fail: leaves stragglers
-for _ in range(3):  # the stragglers are racy: give them several chances to leak
-    try:
-        ckpt.load_checkpoint(workdir)
-    except UserError as e:
-        print("UserError", "corrupt or incomplete" in str(e))
+import orbax.checkpoint as ocp
+from ddpm_jax import checkpoint as ckpt, cli
+from ddpm_jax.config import base_config
+
+def main():
+    meta = {"config": base_config().to_dict()}
+    with ckpt.open_manager(sys.argv[1], keep=1) as manager:
+        ckpt.save(manager, 1, {"params": jnp.ones((2, 3))}, meta, epoch_loss=0.5)
+        manager.wait_until_finished()
+
+        async def disk_full(*args, **kwargs):
+            if sys.argv[2] == "python":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": Failed to write 207 bytes to file 19: '
+                             "No space left on device [os_error_code='28']")  # TensorStore's words (Orbax's arrays)
+
+        ocp.JsonCheckpointHandler._save_fn = disk_full  # step 2's JSON items cannot be written
+        ckpt.save(manager, 2, {"params": jnp.zeros((2, 3))}, meta, epoch_loss=0.1)  # keep=1: evicts step 1
+
+cli.run(main, ["disk_full"])
 """
 
 
-def test_a_cli_stays_quiet_even_on_a_corrupt_checkpoint(tmp_path):
-    """Orbax's warnings and the stragglers of a failed read must not reach stderr."""
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("reporter", ["python", "tensorstore"])
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_is_one_line(tmp_path, reporter):
+    workdir = str(tmp_path)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-c", _QUIET_SCRIPT, str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[:4] == ["best 2"] + ["UserError True"] * 3
-    assert proc.stderr == ""
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_SCRIPT, workdir, reporter],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on device"), proc.stderr
+    assert "the earlier ones are kept" in lines[0]
+    # The last good checkpoint survived, whole.
+    assert step_dirs(workdir) == [1]
+    _, params, meta = ckpt.load_checkpoint(workdir, "latest")
+    assert meta["checkpoint_step"] == 1
+    np.testing.assert_array_equal(np.asarray(params), np.ones((2, 3)))
+    # Once there is space again, the rerun saves over what the failed save left behind.
+    with ckpt.open_manager(workdir, keep=1) as manager:
+        assert ckpt.save(manager, 2, {"params": jnp.zeros((2, 3))}, make_meta(), epoch_loss=0.1)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]

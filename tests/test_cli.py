@@ -45,6 +45,12 @@ def assert_same_params(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def epoch_records(workdir):
+    """metrics.jsonl's epoch lines (the training lines between them have no 'epoch')."""
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "epoch" in r]
+
+
 def snapshot(folder):
     """Every file under folder with its size and mtime: to check that nothing was touched."""
     out = {}
@@ -61,22 +67,28 @@ def trained(env, tmp_path_factory):
     """2 epochs (16 steps) uninterrupted: the reference run."""
     workdir = tmp_path_factory.mktemp("run") / "uninterrupted"
     result = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2",
-                    "--config.train.sample_every_epochs=2"))
+                    "--config.train.sample_every_epochs=2", "--config.train.log_every_steps=6"))
     return workdir, result
 
 
 def test_training_writes_what_the_readme_promises(trained):
     workdir, result = trained
     assert "Loss at epoch 1:" in result.stdout and "Loss at epoch 2:" in result.stdout
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = epoch_records(workdir)
     assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [8, 16]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    # A training line at the first chunk end (every 4 steps) past each multiple of log_every_steps = 6.
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in lines if "grad_norm" in r]
+    assert [r["step"] for r in logged] == [8, 12]
+    assert all(r["lr"] == 1e-3 and r["grad_norm"] > 0 and r["images_per_s"] > 0 for r in logged)
+    assert iio.imread(workdir / "loss.png").shape[0] > 100
     first = iio.imread(workdir / "first_batch.png")
     assert first.dtype == np.uint8 and first.ndim == 2  # 8 grayscale 28x28 images on a grid
     forward = iio.imread(workdir / "forward.png")
     assert forward.shape[0] > 4 * first.shape[0]  # originals + 4 noise levels stacked
-    grid = iio.imread(workdir / "samples" / "epoch_002.png")  # config.sample.num = 4 samples
-    assert grid.shape == (2 * 28 + 2, 2 * 28 + 2)
+    grid = iio.imread(workdir / "samples" / "epoch_002.png")  # config.sample.num = 4 samples, upscaled 4x
+    assert grid.shape == (2 * 112 + 2, 2 * 112 + 2)
     assert not (workdir / "samples" / "epoch_001.png").exists()
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 16
@@ -97,7 +109,7 @@ def test_sample_writes_npz_grid_and_gif(env, trained, tmp_path):
     gif_frames = iio.imread(gif, index=None)
     # 5 frames of a 2 x 3 grid; Pillow merges the held copies of the last frame into
     # one frame that lasts 1 + 5 // 3 frame durations.
-    assert gif_frames.shape[:3] == (5, 2 * 28, 3 * 28) and gif_frames.dtype == np.uint8
+    assert gif_frames.shape[:3] == (5, 2 * 112, 3 * 112) and gif_frames.dtype == np.uint8  # upscaled 4x
     if gif_frames.ndim == 4:  # imageio may decode the grayscale palette as RGB
         assert np.all(gif_frames == gif_frames[..., :1])
     durations = [iio.immeta(gif, index=i)["duration"] for i in range(5)]
@@ -124,9 +136,7 @@ def test_resume_after_max_steps_equals_uninterrupted(env, trained, tmp_path):
     second = ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
     assert "Resuming from step 5" in second.stdout
     assert_same_params(params_of(workdir)[0], params_of(reference)[0])
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    reference_records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in records] == [r["loss"] for r in reference_records]
+    assert [r["loss"] for r in epoch_records(workdir)] == [r["loss"] for r in epoch_records(reference)]
 
 
 def test_resume_after_kill_9_equals_uninterrupted(env, trained, tmp_path):
@@ -151,13 +161,13 @@ def test_resume_after_kill_9_equals_uninterrupted(env, trained, tmp_path):
     assert f"Resuming from step {latest}" in resumed.stdout
     assert_same_params(params_of(workdir)[0], params_of(reference)[0])
     # The epoch record written before the kill is not duplicated by the resumed run.
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["epoch"] for r in epoch_records(workdir)] == [1, 2]
 
 
-def test_ctrl_c_saves_and_resume_equals_uninterrupted(env, trained, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_resume_equals_uninterrupted(env, trained, tmp_path, signum):
     reference, _ = trained
-    workdir = tmp_path / "ctrl-c"
+    workdir = tmp_path / "stopped"
     cmd = [sys.executable, "tests/mock_run.py", str(MOCK_EXAMPLES), "train.py", *TINY, f"--workdir={workdir}",
            "--config.train.num_epochs=2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -166,11 +176,11 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(env, trained, tmp_path):
     deadline = time.time() + 300
     while not (workdir / "first_batch.png").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == 128 + signum, out + err  # 130 for Ctrl-C, 143 for SIGTERM
     assert "Traceback" not in err
-    stopped = re.search(r"Interrupted at step (\d+)", out)
+    stopped = re.search(r"Interrupted \(\w+\) at step (\d+)", out)
     assert stopped and int(stopped.group(1)) % 4 == 0 and int(stopped.group(1)) < 16, out
     assert params_of(workdir)[1]["checkpoint_step"] == int(stopped.group(1))
     ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2"))
@@ -190,8 +200,8 @@ def test_four_devices_train_and_sample_like_one(env, trained, tmp_path):
     # fraction of one step: allow a third of it.
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=3e-4)
-    ours_loss = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    theirs_loss = json.loads((reference / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    ours_loss = epoch_records(workdir)[0]["loss"]
+    theirs_loss = epoch_records(reference)[0]["loss"]
     assert ours_loss == pytest.approx(theirs_loss, rel=1e-4)
     outs = {}
     for name, e in (("one", env), ("four", four)):
@@ -217,7 +227,7 @@ def test_a_different_run_config_is_refused_and_nothing_touched(env, trained, tmp
 
 def test_best_checkpoint_survives_resume(env, trained, tmp_path):
     reference, _ = trained
-    losses = [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in epoch_records(reference)]
     best_epoch = 1 + int(np.argmin(losses))
     workdir = tmp_path / "best"
     ok(run(env, "train.py", *TINY, f"--workdir={workdir}", "--config.train.num_epochs=2",
@@ -346,7 +356,7 @@ def test_conditional_ema_run_samples_by_class(env, conditional, tmp_path):
     assert "ema_params" in meta  # the EMA is checkpointed beside the parameters
     assert not np.allclose(jax.tree.leaves(meta["ema_params"])[0], jax.tree.leaves(params)[0])
     # The training grid has one row per class: 10 rows of 2 for 20 samples.
-    assert iio.imread(conditional / "samples" / "epoch_001.png").shape == (10 * 30 - 2, 2 * 30 - 2)
+    assert iio.imread(conditional / "samples" / "epoch_001.png").shape == (10 * 114 - 2, 2 * 114 - 2)
 
     def draw(name, *args):
         out = tmp_path / f"{name}.npz"
@@ -378,3 +388,13 @@ def test_sampler_choices_errors(env, trained, tmp_path):
     user_error(run(env, "sample.py", f"--ckpt={trained[0]}", "--steps=51", out, "--grid=", mock=False),
                "--steps 51", "50 steps")
     assert not os.path.exists(tmp_path / "x.npz")
+
+
+def test_default_workdir_is_the_config_name_and_max_minutes_stops_in_time(env, tmp_path):
+    # Run from another folder: the workdir is runs/<config file stem> under it.
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "mock_run.py"), str(MOCK_EXAMPLES),
+           os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+           "--config.train.max_minutes=0.0001"]
+    result = ok(subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600))
+    assert "train.max_minutes" in result.stdout and "Stopped at step 0" in result.stdout
+    assert params_of(tmp_path / "runs" / "tiny")[1]["checkpoint_step"] == 0

@@ -55,3 +55,46 @@ def test_cpu_settings_compute_the_same_function(tmp_path):
     assert len(keys) > 40 and set(keys) <= set(tuned.files)
     for key in keys:
         np.testing.assert_allclose(tuned[key], plain[key], rtol=2e-4, atol=1e-6, err_msg=key)
+
+
+def test_cpu_backend_is_decided_without_starting_jax():
+    never = lambda path: False  # noqa: E731
+    always = lambda path: True  # noqa: E731
+    assert runtime.expects_cpu_backend({"JAX_PLATFORMS": "cpu"}, plugins={"cuda"}, exists=always)
+    assert not runtime.expects_cpu_backend({"JAX_PLATFORMS": "cuda,cpu"}, plugins=set(), exists=never)
+    assert not runtime.expects_cpu_backend({"JAX_PLATFORMS": "tpu"}, plugins=set(), exists=never)
+    assert runtime.expects_cpu_backend({}, plugins=set(), exists=always)  # no accelerator plugin
+    assert not runtime.expects_cpu_backend({}, plugins={"cuda"}, exists=lambda p: p == "/dev/nvidiactl")
+    assert runtime.expects_cpu_backend({"JAX_PLATFORMS": ""}, plugins={"cuda"}, exists=never)  # plugin, no GPU
+    assert not runtime.expects_cpu_backend({}, plugins={"tpu"}, exists=lambda p: p == "/dev/accel0")
+    assert isinstance(runtime._installed_accelerator_plugins(), set)
+
+
+def test_restart_only_on_the_cpu_backend_and_only_without_the_setting(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(runtime, "_huge_pages_available", lambda: True)
+    runtime.configure(reexec=True, environ={"JAX_PLATFORMS": "cuda"})  # a GPU process: no restart
+    monkeypatch.setattr(runtime, "_installed_accelerator_plugins", lambda: {"cuda"})
+    monkeypatch.setattr(runtime.os.path, "exists", lambda path: path.startswith("/dev/nvidia"))
+    runtime.configure(reexec=True, environ={})  # JAX will pick the GPU: no restart
+    runtime.configure(reexec=True, environ={"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    runtime.configure(reexec=True, environ={"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    runtime.configure(reexec=False, environ={"JAX_PLATFORMS": "cpu"})
+    assert calls == []
+    runtime.configure(reexec=True, environ={"JAX_PLATFORMS": "cpu"})  # the CPU, setting absent: restart
+    assert len(calls) == 1 and calls[0][2]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_a_path_based_cuda_plugin_is_found_without_importing_it(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    plugin = tmp_path / "jax_plugins" / "xla_cuda12"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    had = "jax_plugins" in sys.modules
+    assert "cuda" in runtime._installed_accelerator_plugins()
+    assert "jax_plugins.xla_cuda12" not in sys.modules and ("jax_plugins" in sys.modules) == had

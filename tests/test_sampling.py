@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ddpm_jax.errors import UserError
-from ddpm_jax.sampling import (_reverse_process, chain, frame_steps, guided_eps, initial_noise_and_step_keys,
+from ddpm_jax.sampling import (_reverse_process, chain, frame_steps, guided_output, initial_noise_and_step_keys,
                                reverse_step, reverse_stddevs, sample, sample_batched, sample_keys)
-from ddpm_jax.schedule import linear_beta_schedule, respace, respaced_timesteps
+from ddpm_jax.schedule import linear_beta_schedule, respace, respaced_timesteps, spaced_timesteps
 
 T = 1000
 
@@ -117,7 +117,7 @@ def test_fori_loop_equals_python_loop(schedule, sampler, steps):
     recorded = []
     wanted = set(frame_steps(steps, 5).tolist())
     for loop_index, i in enumerate(range(steps - 1, -1, -1)):
-        x = step(gaussian_eps, params, chain_schedule, timesteps, x, i, step_keys)
+        x, _ = step(gaussian_eps, params, chain_schedule, timesteps, x, i, step_keys)
         if loop_index in wanted:
             recorded.append(x)
     np.testing.assert_allclose(x_loop, x, rtol=1e-5, atol=1e-5)
@@ -187,18 +187,26 @@ def test_clip_x0_keeps_samples_in_range(schedule, sampler):
 
 
 def labelled_eps(params, x, t, y=None):
-    """A toy conditional predictor: eps = x - c_y, with c = 0 for 'no label'."""
-    c = jnp.zeros_like(x) if y is None else params["centres"][y].reshape(-1, 1, 1, 1)
-    return x - c
+    """A toy conditional predictor: eps = x - c_y, with c = 0 for 'no label' (None or -1)."""
+    if y is None:
+        return x
+    return x - jnp.where(y < 0, 0.0, params["centres"][jnp.maximum(y, 0)]).reshape(-1, 1, 1, 1)
 
 
 def test_classifier_free_guidance_mixes_conditional_and_unconditional():
     params = {"centres": jnp.array([0.5, -1.0])}
     x, t, y = jnp.ones((2, 2, 2, 1)), jnp.zeros((2,), jnp.int32), jnp.array([0, 1])
-    np.testing.assert_allclose(guided_eps(labelled_eps, params, x, t, None, 0.0), x)
-    np.testing.assert_allclose(guided_eps(labelled_eps, params, x, t, y, 0.0)[:, 0, 0, 0], [0.5, 2.0])
-    # (1 + w) eps_c - w eps_u = x - (1 + w) c_y
-    np.testing.assert_allclose(guided_eps(labelled_eps, params, x, t, y, 2.0)[:, 0, 0, 0], [-0.5, 4.0])
+    np.testing.assert_allclose(guided_output(labelled_eps, params, x, t, None, 0.0, guided=False), x)
+    np.testing.assert_allclose(guided_output(labelled_eps, params, x, t, y, 0.0, guided=False)[:, 0, 0, 0], [0.5, 2.0])
+    # (1 + w) eps_c - w eps_u = x - (1 + w) c_y, both halves from one call on the doubled batch.
+    calls = []
+
+    def counted(*args):
+        calls.append(args[1].shape[0])
+        return labelled_eps(*args)
+
+    np.testing.assert_allclose(guided_output(counted, params, x, t, y, 2.0, guided=True)[:, 0, 0, 0], [-0.5, 4.0])
+    assert calls == [4]
 
 
 def test_sample_batched_with_labels_does_not_depend_on_batch(schedule):
@@ -246,3 +254,111 @@ def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in(schedule):
     whole, _ = sample(gaussian_eps, params, schedule, sample_keys(key, 0, 4), (28, 28, 1))
     part, _ = sample(gaussian_eps, params, schedule, sample_keys(key, 2, 2), (28, 28, 1))
     np.testing.assert_allclose(part, whole[2:], rtol=1e-6, atol=1e-6)
+
+
+def _exact_ode_then_denoise(xT, mu, s, timesteps):
+    """The exact probability-flow ODE solution for N(mu, s^2) data from x_T (at timesteps[-1]) to
+    timesteps[0], then the same final x0 estimate every sampler ends with, in float64. For
+    Gaussian data the flow maps the standardised value z = (x_t - sqrt(ab) mu) / sqrt(ab s^2 + 1 - ab)
+    unchanged from one t to another (per pixel, monotone, matching the marginals)."""
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    t0, t_last = timesteps[0], timesteps[-1]
+    z = (xT - np.sqrt(ab[t_last]) * mu) / np.sqrt(ab[t_last] * s * s + 1 - ab[t_last])
+    x_t0 = np.sqrt(ab[t0]) * mu + np.sqrt(ab[t0] * s * s + 1 - ab[t0]) * z
+    eps = np.sqrt(1 - ab[t0]) * (x_t0 - np.sqrt(ab[t0]) * mu) / (ab[t0] * s * s + 1 - ab[t0])
+    return (x_t0 - np.sqrt(1 - ab[t0]) * eps) / np.sqrt(ab[t0])
+
+
+def test_dpmpp_2m_converges_at_second_order_and_ddim_at_first(schedule):
+    mu, s = 0.3, 0.5
+    params, keys = gaussian_params(schedule, mu, s), sample_keys(jax.random.key(0), 0, 8)
+    x_T, _ = initial_noise_and_step_keys(keys, (8, 8, 1))
+    errors = {}
+    for sampler in ("ddim", "dpmpp_2m"):
+        errors[sampler] = []
+        for steps in (10, 20, 40, 80):
+            exact = _exact_ode_then_denoise(np.asarray(x_T, np.float64), mu, s,
+                                            spaced_timesteps(schedule, steps, "logsnr"))
+            x0, _ = sample(gaussian_eps, params, schedule, keys, (8, 8, 1), sampler=sampler, steps=steps,
+                           spacing="logsnr")
+            errors[sampler].append(np.abs(np.asarray(x0, np.float64) - exact).max())
+    ddim, dpm = np.array(errors["ddim"]), np.array(errors["dpmpp_2m"])
+    # Halving the step size halves DDIM's error (order 1) and quarters DPM-Solver++(2M)'s (order 2).
+    assert np.all((ddim[:-1] / ddim[1:] > 1.8) & (ddim[:-1] / ddim[1:] < 2.2)), ddim
+    assert np.all(dpm[1:-1] / dpm[2:] > 3.3), dpm
+    assert np.all(dpm < ddim / 4), (dpm, ddim)
+
+
+def gaussian_v(params, x, t):
+    """The exact v for the same Gaussian data: v = (eps - sqrt(1 - ab) x_t) / sqrt(ab)."""
+    ab = params["alpha_bars"][t].reshape(-1, 1, 1, 1)
+    return (gaussian_eps(params, x, t) - jnp.sqrt(1 - ab) * x) / jnp.sqrt(ab)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_a_v_predicting_network_samples_like_its_eps_twin(schedule, sampler):
+    params, keys = gaussian_params(schedule, -0.2, 0.6), sample_keys(jax.random.key(9), 0, 4)
+    options = dict(sampler=sampler, steps=20, sigma="beta_tilde")
+    by_eps, _ = sample(gaussian_eps, params, schedule, keys, (4, 4, 1), **options)
+    by_v, _ = sample(gaussian_v, params, schedule, keys, (4, 4, 1), prediction="v", **options)
+    np.testing.assert_allclose(by_v, by_eps, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_weight_is_traced_and_frames_hold_only_recorded_samples(schedule):
+    params = {"centres": jnp.array([0.5, -1.0, 0.0])}
+    keys, labels = sample_keys(jax.random.key(1), 0, 6), jnp.array([0, 1, 2, 0, 1, 2])
+
+    def draw(w, **kw):
+        return sample(labelled_eps, params, schedule, keys, (4, 4, 1), sampler="dpmpp_2m", steps=8, labels=labels,
+                      guidance=w, **kw)
+
+    draw(1.0)
+    size = _reverse_process._cache_size()
+    a, b = draw(2.0)[0], draw(3.0)[0]
+    assert _reverse_process._cache_size() == size  # a new weight w does not recompile
+    assert not np.allclose(a, b)
+    x0, frames = draw(2.0, num_frames=3, frames_for=2)
+    assert frames.shape == (3, 2, 4, 4, 1)  # the buffer holds the recorded samples only
+    np.testing.assert_array_equal(frames[-1], x0[:2])
+
+
+def test_sample_batched_records_frames_of_the_first_samples_only(schedule):
+    params, key = gaussian_params(schedule, 0.1, 0.5), jax.random.key(4)
+    options = dict(sampler="ddim", steps=10, num_frames=4)
+    x0, frames = sample_batched(gaussian_eps, params, schedule, key, 7, (4, 4, 1), batch_size=2, frames_for=3,
+                                **options)
+    assert frames.shape == (4, 3, 4, 4, 1)
+    np.testing.assert_allclose(frames[-1], x0[:3], rtol=1e-6)
+    # Resuming from sample 4 gives samples 4..6 exactly.
+    rest, _ = sample_batched(gaussian_eps, params, schedule, key, 7, (4, 4, 1), batch_size=2, start=4, **options)
+    np.testing.assert_allclose(rest, x0[4:], rtol=1e-6, atol=1e-6)
+
+
+def test_sample_options_are_checked_in_one_place(schedule):
+    import ml_collections
+
+    from ddpm_jax.sampling import SampleOptions
+
+    config = ml_collections.ConfigDict({"sampler": "ddim", "steps": 50, "sigma": "beta", "eta": 0.0,
+                                        "clip_x0": False, "guidance": 0.0})  # an old config: no spacing
+    options = SampleOptions.from_config(config, steps=None, guidance=2.0)
+    assert (options.sampler, options.steps, options.guidance, options.spacing) == ("ddim", 50, 2.0, "linear")
+    for bad in (dict(sampler="euler"), dict(steps=T + 1), dict(steps=-1), dict(steps=2.5), dict(eta=1.5),
+                dict(guidance=-1.0), dict(sigma="big"), dict(spacing="cubic")):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            SampleOptions(**bad).validate(T)
+
+
+@pytest.mark.parametrize("spacing", ["linear", "quadratic", "logsnr"])
+@pytest.mark.parametrize("steps", [2, 10, 25, 999, T])
+def test_spaced_timesteps_are_distinct_and_span_the_chain(schedule, spacing, steps):
+    t = spaced_timesteps(schedule, steps, spacing)
+    assert len(t) == steps and t[0] == 0 and t[-1] == T - 1 and np.all(np.diff(t) > 0)
+
+
+def test_logsnr_spacing_is_even_in_log_snr(schedule):
+    t = spaced_timesteps(schedule, 10, "logsnr")
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, T))[t]
+    gaps = np.diff(0.5 * np.log(ab / (1 - ab)))
+    # Rounding to integer timesteps moves lambda most where it changes fastest (t near 0).
+    assert np.all(np.abs(gaps[1:] / gaps[1:].mean() - 1) < 0.1), gaps

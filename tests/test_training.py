@@ -44,7 +44,7 @@ def run_chunks(state, images, key, data_key, chunk_sizes, scan=True):
     for n in chunk_sizes:
         state, chunk_losses = train_chunk(state, images, order, first, key, num_steps=n, batch_size=BATCH, scan=scan)
         first += n
-        losses.append(chunk_losses)
+        losses.append(chunk_losses["loss"])
     return state, np.concatenate(losses)
 
 
@@ -123,7 +123,7 @@ def test_loss_falls_on_synthetic_data(images):
     for epoch in range(50):  # 8 steps an epoch, 400 steps
         order = epoch_permutation(keys["data"], epoch, images.shape[0])
         state, chunk = train_chunk(state, images, order, 0, keys["train"], num_steps=8, batch_size=BATCH)
-        losses.append(np.asarray(chunk))
+        losses.append(np.asarray(chunk["loss"]))
     losses = np.concatenate(losses)
     assert np.all(np.isfinite(losses))
     assert losses[-80:].mean() < 0.5 * losses[:16].mean(), (losses[:16].mean(), losses[-80:].mean())
@@ -171,8 +171,9 @@ def test_conditional_training_uses_labels_and_drops_some(images):
     def train(label_dropout, labels_used):
         state = create_train_state(model, linear_beta_schedule(100), TX, keys["init"], IMAGE_SHAPE, num_classes=4,
                                    label_dropout=label_dropout)
-        return train_chunk(state, images, order, 0, keys["train"], num_steps=3, batch_size=BATCH,
-                           labels=labels_used, scan=False)
+        state, metrics = train_chunk(state, images, order, 0, keys["train"], num_steps=3, batch_size=BATCH,
+                                     labels=labels_used, scan=False)
+        return state, metrics["loss"]
 
     a, losses_a = train(0.0, labels)
     b, losses_b = train(0.0, (labels + 1) % 4)
@@ -216,3 +217,47 @@ def test_compile_train_chunk_compiles_what_train_chunk_then_runs(images):
             assert not compiles, f"train_chunk(scan={scan}) compiled again"
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_steps_random_streams_are_pairwise_distinct():
+    from ddpm_jax.training import loss_keys
+
+    key = jax.random.fold_in(run_keys(jax.random.key(0))["train"], 7)
+    streams = loss_keys(key)
+    # t and noise are split(key) as before (the article model's draws are unchanged) ...
+    t_key, noise_key = jax.random.split(key)
+    assert np.array_equal(jax.random.key_data(streams["t"]), jax.random.key_data(t_key))
+    assert np.array_equal(jax.random.key_data(streams["noise"]), jax.random.key_data(noise_key))
+    # ... and no stream is another's key, nor a key that splitting another yields.
+    derived = dict(streams)
+    for name, k in streams.items():
+        for i, child in enumerate(jax.random.split(k)):
+            derived[f"split({name})[{i}]"] = child
+    data = {name: tuple(np.asarray(jax.random.key_data(k)).tolist()) for name, k in derived.items()}
+    for name in streams:
+        clashes = [other for other in data if other != name and data[other] == data[name]]
+        assert not clashes, (name, clashes)
+
+
+def test_learning_rate_warm_up_cosine_decay_and_clipping():
+    from ddpm_jax.training import learning_rate, learning_rate_at
+
+    def optim(**kw):
+        return ml_collections.ConfigDict({"name": "adam", "learning_rate": 2e-3, **kw})
+
+    assert learning_rate(optim()) == 2e-3  # constant: a float, so the article's optimizer state is unchanged
+    warm = learning_rate(optim(warmup_steps=10))
+    assert [learning_rate_at(warm, s) for s in (0, 5, 10, 500)] == pytest.approx([0, 1e-3, 2e-3, 2e-3])
+    cosine = learning_rate(optim(warmup_steps=10, decay="cosine", end_lr_factor=0.1), total_steps=110)
+    # Half-way through the decay: the mean of peak and end; at its end: the end value.
+    assert [learning_rate_at(cosine, s) for s in (10, 60, 110)] == pytest.approx([2e-3, 1.1e-3, 2e-4])
+    for bad in (dict(learning_rate=0.0), dict(learning_rate=-1e-3), dict(warmup_steps=-1), dict(decay="step"),
+                dict(decay="cosine", warmup_steps=200)):
+        with pytest.raises(UserError):
+            create_optimizer(optim(**bad), total_steps=100)
+    # Clipping by global norm: a huge gradient moves Adam's first moment by at most the clip norm.
+    tx = create_optimizer(optim(grad_clip_norm=1.0))
+    params = {"w": jnp.zeros(4)}
+    _, opt_state = tx.update({"w": jnp.full(4, 1e6)}, tx.init(params), params)
+    first_moment = opt_state[1][0].mu["w"]
+    np.testing.assert_allclose(np.linalg.norm(first_moment), 0.1 * 1.0, rtol=1e-5)  # (1 - b1) * clipped norm

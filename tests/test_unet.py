@@ -118,6 +118,7 @@ def test_conditional_model_uses_labels(cond):
 @pytest.mark.parametrize("kwargs, field", [
     (dict(SMALL, channel_mults=(1, 2, 2, 2)), "channel_mults"),  # 7x7 cannot be halved
     (dict(SMALL, num_groups=3), "num_groups"),
+    (dict(SMALL, channels=6, channel_mults=(2, 2, 4)), "channels"),  # 12, 12, 24 divide by 4; conv_in's 6 does not
     (dict(SMALL, attention_resolutions=(5,)), "attention_resolutions"),
 ])
 def test_bad_configs_give_user_errors(kwargs, field):
@@ -126,6 +127,38 @@ def test_bad_configs_give_user_errors(kwargs, field):
     # Without image_size the same mistake surfaces when the model first sees data.
     with pytest.raises(UserError, match=field):
         jax.eval_shape(UNet(**kwargs).init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+
+
+def test_create_model_names_the_fields_of_widths_that_groups_do_not_divide():
+    config = base_config()
+    config.model.name, config.model.channels, config.model.channel_mults = "unet", 6, (2, 2, 4)
+    config.model.num_groups = 4
+    with pytest.raises(UserError) as info:
+        create_model(config, (28, 28, 1))
+    message = str(info.value)
+    assert "\n" not in message
+    for field in ("--config.model.num_groups", "--config.model.channels", "channel_mults", "6"):
+        assert field in message, message
+
+
+def test_train_py_refuses_groups_that_do_not_divide_the_widths(tmp_path):
+    """Through the real CLI (on tfds mock data): one line naming the fields, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DDPM_JAX_COMPILE_CACHE": "off", "TFDS_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "tests/mock_run.py", "16", "train.py", "--config", "configs/tiny.py",
+                             "--config.model.name=unet", "--config.model.channels=6", "--config.model.num_groups=4",
+                             f"--workdir={tmp_path / 'w'}"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for words in ("--config.model.num_groups (4)", "--config.model.channels (6)", "channel_mults (6, 12, 12)",
+                  "6 is not a multiple"):
+        assert words in errors[0], errors[0]
 
 
 def _param_count(model, y=None):

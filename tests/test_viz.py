@@ -1,5 +1,6 @@
 """Tests for ddpm_jax.viz (numpy + imageio only; fast)."""
 
+import os
 import warnings
 
 import einops
@@ -172,7 +173,7 @@ def test_make_grid_rejects_float():
 def test_save_grid_roundtrip(tmp_path, c):
     rng = np.random.default_rng(3)
     x = rng.uniform(-1.3, 1.3, size=(5, 6, 7, c)).astype(np.float32)
-    path = viz.save_grid(tmp_path / "sub" / "dir" / "grid.png", x)
+    path = viz.save_grid(tmp_path / "sub" / "dir" / "grid.png", x, scale=1)
     assert path.exists()
     expected = viz.make_grid(viz.to_uint8(x, "clip"), pad=2)
     back = iio.imread(path)
@@ -189,12 +190,12 @@ def test_save_grid_minmax_and_uint8(tmp_path):
     x = np.stack([np.full((4, 4, 1), 0.3), np.full((4, 4, 1), -0.3)])
     x[0, 0, 0, 0] = 5.0
     x[1, 0, 0, 0] = -5.0
-    viz.save_grid(tmp_path / "a.png", x, display="minmax", pad=0)
+    viz.save_grid(tmp_path / "a.png", x, display="minmax", pad=0, scale=1)
     back = iio.imread(tmp_path / "a.png")
     assert back[0, 0] == 255 and back[1, 1] == 0  # image 0: max at corner
     assert back[0, 4] == 0 and back[1, 5] == 255  # image 1: min at corner
     u = _blocks(2, 4, 4)
-    viz.save_grid(tmp_path / "u.png", u, pad=0)
+    viz.save_grid(tmp_path / "u.png", u, pad=0, scale=1)
     np.testing.assert_array_equal(iio.imread(tmp_path / "u.png"), u[..., 0].transpose(1, 0, 2).reshape(4, 8))
 
 
@@ -209,7 +210,7 @@ def _trajectory(k, n, h=4, w=4, c=1, seed=4):
 @pytest.mark.parametrize("k", [1, 2, 3, 10, 100])
 def test_gif_frames_count_and_hold(k):
     traj = _trajectory(k, 6)
-    out = viz.gif_frames(traj)
+    out = viz.gif_frames(traj, scale=1)
     f = k + k // 3
     assert out.shape == (f, 2 * 4, 3 * 4) and out.dtype == np.uint8
     for i in range(k, f):
@@ -223,7 +224,7 @@ def test_gif_frames_count_and_hold(k):
 def test_gif_frames_minmax_each_image():
     traj = _trajectory(3, 4)
     traj[:, 2] += 100  # offset one image; per-image normalisation ignores it
-    out = viz.gif_frames(traj)
+    out = viz.gif_frames(traj, scale=1)
     for f in range(3):
         for i in range(4):
             r, c = divmod(i, 2)
@@ -232,7 +233,7 @@ def test_gif_frames_minmax_each_image():
 
 
 def test_gif_frames_rgb_shape():
-    out = viz.gif_frames(_trajectory(6, 5, c=3), hold=0)
+    out = viz.gif_frames(_trajectory(6, 5, c=3), hold=0, scale=1)
     assert out.shape == (6, 2 * 4, 3 * 4, 3)
 
 
@@ -244,8 +245,8 @@ def test_gif_frames_rejects_bad_shape():
 def test_save_gif_roundtrip_gray(tmp_path):
     k, duration = 9, 50
     traj = _trajectory(k, 4)
-    path = viz.save_gif(tmp_path / "out" / "s.gif", traj, duration_ms=duration)
-    expected = viz.gif_frames(traj)  # (k + k//3, 8, 8)
+    path = viz.save_gif(tmp_path / "out" / "s.gif", traj, duration_ms=duration, scale=1)
+    expected = viz.gif_frames(traj, scale=1)  # (k + k//3, 8, 8)
     assert expected.shape[0] == 12
     back = iio.imread(path, index=None)
     # the writer merges the held copies into the last frame: k distinct frames
@@ -263,9 +264,9 @@ def test_save_gif_rgb_and_duration_units(tmp_path):
     traj = _trajectory(4, 2, c=3)
     # few colours so the 256-colour palette is exact
     traj = np.round(traj).clip(-1, 1)
-    path = viz.save_gif(tmp_path / "c.gif", traj, display="clip", duration_ms=120, hold=0)
+    path = viz.save_gif(tmp_path / "c.gif", traj, display="clip", duration_ms=120, hold=0, scale=1)
     back = iio.imread(path, index=None)
-    expected = viz.gif_frames(traj, display="clip", hold=0)
+    expected = viz.gif_frames(traj, display="clip", hold=0, scale=1)
     distinct = [0] + [i for i in range(1, 4) if not np.array_equal(expected[i], expected[i - 1])]
     assert back.shape == (len(distinct), 4, 8, 3)
     np.testing.assert_array_equal(back, expected[distinct])
@@ -285,7 +286,7 @@ def test_forward_figure_layout(tmp_path):
     n, h, w = 5, 3, 3
     x0 = np.full((n, h, w, 1), -1.0)  # black
     levels = [np.full((n, h, w, 1), v) for v in (-0.5, 0.0, 0.5, 3.0)]  # last one clipped
-    fig = viz.forward_figure(x0, levels, pad=1, gap=4, pad_value=77)
+    fig = viz.forward_figure(x0, levels, pad=1, gap=4, pad_value=77, scale=1)
     gh, gw = 2 * h + 1, 3 * w + 2  # 2x3 grid with 1 px separators
     assert fig.shape == (5 * gh + 4 * 4, gw, 1)
     expected_vals = [0, 64, 128, 191, 255]
@@ -298,13 +299,70 @@ def test_forward_figure_layout(tmp_path):
         if b < 4:
             assert (fig[top + gh:top + gh + 4] == 77).all()  # gap between blocks
 
-    path = viz.save_forward(tmp_path / "f" / "forward.png", x0, np.stack(levels), pad=1, gap=4, pad_value=77)
+    path = viz.save_forward(tmp_path / "f" / "forward.png", x0, np.stack(levels), pad=1, gap=4, pad_value=77,
+                             scale=1)
     np.testing.assert_array_equal(iio.imread(path), fig[..., 0])
 
 
 def test_forward_figure_shape_mismatch():
     with pytest.raises(ValueError, match=r"noised\[1\]"):
         viz.forward_figure(np.zeros((4, 2, 2, 1)), [np.zeros((4, 2, 2, 1)), np.zeros((3, 2, 2, 1))])
+
+
+# ------------------------------------------------------------------ size (scale)
+
+
+def test_default_scale_makes_each_image_at_least_112_px():
+    assert viz.default_scale(28, 28) == 4 and viz.default_scale(32, 32) == 4
+    assert viz.default_scale(112, 112) == 1 and viz.default_scale(200, 50) == 1 and viz.default_scale(7, 5) == 16
+    assert viz.default_gif_scale(16, 28, 28) == 4  # 4 x 4 grid of 112 px images: 448 px
+    assert viz.default_gif_scale(100, 28, 28) == 1  # already 280 px: scaling would only multiply the bytes
+    assert viz.default_gif_scale(36, 28, 28) == 2
+
+
+def test_pictures_are_enlarged_by_default_with_nearest_neighbour(tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, size=(16, 28, 28, 1)).astype(np.float32)
+    grid = iio.imread(viz.save_grid(tmp_path / "g.png", x))
+    assert grid.shape == (4 * 112 + 3 * 2, 4 * 112 + 3 * 2)  # was 4 * 28 + 3 * 2 = 118
+    np.testing.assert_array_equal(grid[:112, :112], np.repeat(np.repeat(viz.to_uint8(x)[0, ..., 0], 4, 0), 4, 1))
+    assert iio.imread(viz.save_grid(tmp_path / "g1.png", x, scale=3)).shape == (4 * 84 + 6, 4 * 84 + 6)
+    assert iio.imread(viz.save_grid(tmp_path / "g2.png", x, scale=1)).shape == (118, 118)  # the old size
+    frames = viz.gif_frames(x[None], hold=0)
+    assert frames.shape == (1, 448, 448)
+    np.testing.assert_array_equal(frames[0, ::4, ::4], viz.gif_frames(x[None], hold=0, scale=1)[0])
+    fig = viz.forward_figure(x[:2], [x[2:4]], gap=8)
+    assert fig.shape == (2 * 112 + 8, 2 * 112 + 2, 1)
+    with pytest.raises(ValueError, match="scale"):
+        viz.save_grid(tmp_path / "bad.png", x, scale=0)
+
+
+@pytest.mark.parametrize("what", ["grid", "gif", "forward"])
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch, what):
+    """A write cut short (here: the writer raises after writing part of the file) leaves no
+    truncated file at the target, no temporary file, and an existing target untouched."""
+    import imageio.v3 as real_iio
+
+    def broken_imwrite(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"GIF89a-half-written")
+        raise KeyboardInterrupt
+
+    x = np.zeros((4, 6, 6, 1), np.float32)
+    save = {"grid": lambda p: viz.save_grid(p, x), "gif": lambda p: viz.save_gif(p, x[None]),
+            "forward": lambda p: viz.save_forward(p, x, [x])}[what]
+    target = tmp_path / "out" / "picture"
+    monkeypatch.setattr(real_iio, "imwrite", broken_imwrite)
+    with pytest.raises(KeyboardInterrupt):
+        save(target)
+    assert os.listdir(tmp_path / "out") == []
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        save(target)
+    assert os.listdir(tmp_path / "out") == ["picture"] and target.read_bytes() == b"old"
+    monkeypatch.undo()
+    save(target)  # a complete write replaces it
+    assert os.listdir(tmp_path / "out") == ["picture"] and target.read_bytes() != b"old"
 
 
 def test_import_is_light():

@@ -32,7 +32,8 @@ def create_model(config, image_shape: tuple[int, int, int]) -> nn.Module:
 
         return UNet(channels=m.channels, channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
                     attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
-                    num_groups=m.num_groups, num_classes=m.num_classes, image_size=int(image_shape[0]))
+                    num_groups=m.num_groups, num_classes=m.num_classes, image_size=int(image_shape[0]),
+                    patch_size=m.get("patch_size", 1))
     raise UserError(f"unknown model.name {name!r}: choose one of {', '.join(MODEL_NAMES)}")
 
 
