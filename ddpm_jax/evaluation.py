@@ -123,7 +123,7 @@ def evaluate_images(samples, dataset: str, *, data_dir: str = "", manual_dir: st
     classes a conditional model was asked for, (N,), or None; what: the samples' name in messages."""
     from ddpm_jax import classifier as cl
     from ddpm_jax.data import class_names
-    from ddpm_jax.metrics import compare_features
+    from ddpm_jax.metrics import compare_features, noise_like_share
 
     folder, info = stored_classifier(dataset, cache_dir)
     if tuple(samples.shape[1:]) != tuple(info["image_shape"]):
@@ -141,6 +141,8 @@ def evaluate_images(samples, dataset: str, *, data_dir: str = "", manual_dir: st
     names = class_names(dataset)
     common = dict(class_names=names, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     sample_report = compare_features(sample_features, sample_logits, test_features, **common)
+    # Noise-like: total variation above the test split's 99.5th percentile (saturated salt and pepper).
+    sample_report["noise_like"] = noise_like_share(samples, test_images)
     if labels is not None:  # how often the classifier sees the class the model was asked for
         sample_report["label_accuracy"] = cl.accuracy(sample_logits, labels)
     return {
@@ -150,6 +152,7 @@ def evaluate_images(samples, dataset: str, *, data_dir: str = "", manual_dir: st
         "real_reference": {
             "what": f"{n_ref} training images vs the test split: what an ideal generator scores with this many samples",
             **compare_features(real_features, real_logits, test_features, **common),
+            "noise_like": noise_like_share(real, test_images),
         },
         "max_class_entropy_nats": math.log(len(names)),
         "classifier": {"folder": folder, "test_accuracy": info["test_accuracy"],

@@ -187,3 +187,17 @@ def compare_features(features, logits, reference_features, *, class_names=None, 
         "class_histogram": {name: float(c / counts.sum()) for name, c in zip(names, counts)},
         "class_entropy_nats": entropy_nats(counts),
     }
+
+
+def total_variation(images) -> np.ndarray:
+    """Mean absolute difference between neighbouring pixels of each uint8 image (N, H, W, C), in
+    [0, 255]: (N,). Saturated salt-and-pepper images score far above any real image."""
+    x = np.asarray(images, np.float64)
+    return (np.abs(np.diff(x, axis=1)).mean(axis=(1, 2, 3)) + np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))) / 2
+
+
+def noise_like_share(images, reference_images, quantile: float = 0.995) -> float:
+    """The share of images whose total variation exceeds the `quantile` of the reference images':
+    noise-like samples (a real image is one with probability 1 - quantile)."""
+    threshold = np.quantile(total_variation(reference_images), quantile)
+    return float(np.mean(total_variation(images) > threshold))

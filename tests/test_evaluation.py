@@ -651,3 +651,18 @@ def test_real_fashion_mnist_small_classifier_and_reference_fid(tmp_path):
     blurred_features, _ = cl.classifier_outputs(model, params, blurred)
     real_fid = metrics.fid(train_features, test_features)
     assert real_fid < metrics.fid(blurred_features, test_features)
+
+
+def test_noise_like_share_flags_salt_and_pepper_images():
+    from ddpm_jax.metrics import noise_like_share, total_variation
+
+    rng = np.random.default_rng(0)
+    smooth = np.repeat(np.repeat(rng.integers(0, 256, (200, 7, 7, 1)), 4, axis=1), 4, axis=2).astype(np.uint8)
+    pepper = (rng.integers(0, 2, (10, 28, 28, 1)) * 255).astype(np.uint8)
+    assert np.all(total_variation(pepper) > total_variation(smooth).max())
+    # Constant images: no variation at all; a checkerboard: 255 everywhere.
+    flat, board = np.full((1, 4, 4, 1), 7, np.uint8), (np.indices((4, 4)).sum(0) % 2 * 255).astype(np.uint8)
+    np.testing.assert_allclose(total_variation(flat), [0.0])
+    np.testing.assert_allclose(total_variation(board[None, :, :, None]), [255.0])
+    assert noise_like_share(np.concatenate([smooth[:30], pepper]), smooth) == pytest.approx(10 / 40)
+    assert noise_like_share(smooth, smooth) <= 0.005 + 1e-9
