@@ -28,10 +28,12 @@ flags.DEFINE_integer("num", 100, "Number of samples.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same samples.")
 flags.DEFINE_enum("weights", "auto", ["auto", "ema", "raw"],
                   "Which parameters: the EMA (ema), the trained ones (raw), or the EMA when the run kept one (auto).")
-flags.DEFINE_string("sampler", None, "Reverse process: ddpm (Algorithm 2), ddim, or another of "
-                    "ddpm_jax.sampling.SAMPLERS (default: the checkpoint config's).")
+flags.DEFINE_string("sampler", None, "Reverse process: ddpm (Algorithm 2), ddim or dpmpp_2m (DPM-Solver++(2M)) "
+                    "(default: the checkpoint config's).")
 flags.DEFINE_integer("steps", None, "Reverse steps, evenly respaced; 0 = all of the model's steps, at most the "
                      "model's n_steps (default: the checkpoint config's).", lower_bound=0)
+flags.DEFINE_string("spacing", None, "How fewer steps are spread: linear (evenly in t), quadratic (denser near "
+                    "t = 0) or logsnr (evenly in log-SNR) (default: the checkpoint config's).")
 flags.DEFINE_float("eta", None, "DDIM noise: 0 = deterministic, 1 = DDPM-like (default: the config's).",
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_enum("sigma", None, ["beta", "beta_tilde"], "DDPM reverse-process variance (default: the config's).")
@@ -79,11 +81,8 @@ def main():
 
     trained = load_trained(FLAGS.ckpt, FLAGS.which, FLAGS.weights)
     labels, cols = _labels(trained)
-    if FLAGS.steps is not None and FLAGS.steps > trained.schedule.n_steps:  # the flag's upper bound
-        cli.fail(f"--steps {FLAGS.steps} is more than the model's {trained.schedule.n_steps} steps "
-                 "(0 = all of them)")
-    options = sample_options(trained.config, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
-                             sigma=FLAGS.sigma, clip_x0=FLAGS.clip_x0, guidance=FLAGS.guidance)
+    options = sample_options(trained.config, sampler=FLAGS.sampler, steps=FLAGS.steps, spacing=FLAGS.spacing,
+                             eta=FLAGS.eta, sigma=FLAGS.sigma, clip_x0=FLAGS.clip_x0, guidance=FLAGS.guidance)
     mesh = make_mesh()  # every local device takes a slice of each batch
     steps = options.steps or trained.schedule.n_steps
     num_frames = min(FLAGS.frames, steps) if FLAGS.gif else 0
