@@ -386,7 +386,7 @@ def test_sampler_choices_errors(env, trained, tmp_path):
     user_error(run(env, "sample.py", f"--ckpt={trained[0]}", "--weights=ema", out, "--grid=", mock=False),
                "no EMA weights", "--weights raw")
     user_error(run(env, "sample.py", f"--ckpt={trained[0]}", "--steps=51", out, "--grid=", mock=False),
-               "--steps 51", "50 steps")
+               "--steps", "model's 50 steps", "got 51")
     assert not os.path.exists(tmp_path / "x.npz")
 
 
