@@ -2,7 +2,7 @@
 
     python sample.py --ckpt runs/fashion                      # 100 samples -> samples.npz + samples.png
     python sample.py --ckpt runs/fashion --gif sampling.gif   # and the GIF of the reverse process
-    python sample.py --ckpt runs/fashion --sampler ddim --steps 50    # 20x fewer steps
+    python sample.py --ckpt runs/fashion_fast --sampler dpmpp_2m --steps 20   # 20 network evaluations
     python sample.py --ckpt runs/fashion_cond --label sneaker --guidance 2   # a conditional model's class
 
 --ckpt takes a workdir, its checkpoints/ folder, or one checkpoints/<step> folder;
