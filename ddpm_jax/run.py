@@ -350,10 +350,11 @@ class _ChunkLog:
         self.losses, self.grad_norms, self.start = [], [], time.monotonic()
 
     def add(self, step: int, losses: np.ndarray, grad_norms: np.ndarray, lr: float) -> None:
+        if self.path is None:  # not the host that writes
+            return
         self.losses.append(losses)
         self.grad_norms.append(grad_norms)
-        n = len(losses)
-        if self.path is None or step // self.every == (step - n) // self.every:
+        if step // self.every == (step - len(losses)) // self.every:
             return
         losses, grad_norms = np.concatenate(self.losses), np.concatenate(self.grad_norms)
         seconds = max(time.monotonic() - self.start, 1e-9)
