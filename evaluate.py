@@ -38,19 +38,7 @@ flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint of a wo
 flags.DEFINE_enum("weights", "auto", ["auto", "ema", "raw"], "EMA or raw weights (auto: EMA when the checkpoint "
                                                              "has them).")
 flags.DEFINE_integer("num", 10000, "Samples to generate with --ckpt (0: only bits/dim).", lower_bound=0)
-flags.DEFINE_string("sampler", None, "A sampler of ddpm_jax.sampling.SAMPLERS, e.g. ddpm or ddim (default: the "
-                                     "checkpoint config's).")
-flags.DEFINE_integer("steps", None, "Reverse steps, evenly respaced; 0 = all of the model's steps (default: the "
-                                    "checkpoint config's).", lower_bound=0)
-flags.DEFINE_string("spacing", None, "How fewer steps are spread: a spacing of ddpm_jax.sampling.SPACINGS, e.g. "
-                                     "linear (default: the checkpoint config's).")
-flags.DEFINE_float("eta", None, "DDIM eta (default: the checkpoint config's).", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_enum("sigma", None, ["beta", "beta_tilde"], "Reverse variance, for sampling and bits/dim (default: "
-                                                         "the checkpoint config's).")
-flags.DEFINE_bool("clip_x0", None, "Clip the x0 estimate to [-1, 1], for sampling and bits/dim (default: the "
-                                   "config's).")
-flags.DEFINE_float("guidance", None, "Conditional models: classifier-free guidance weight (default: the config's).",
-                   lower_bound=0.0)
+cli.define_sample_flags(also=", for sampling and for bits/dim")
 flags.DEFINE_enum("labels", "auto", ["auto", "balanced", "none"], "Conditional models: sample i gets class i mod K "
                                                                   "(auto/balanced) or no label (none).")
 flags.DEFINE_integer("seed", 0, "Seed of the samples and of the bits/dim noise; with --train_classifier, of the "
@@ -104,8 +92,7 @@ def main():
             FLAGS.ckpt, which=FLAGS.which, weights=FLAGS.weights, num=FLAGS.num, seed=FLAGS.seed, labels=FLAGS.labels,
             batch_size=FLAGS.batch, bpd_images=FLAGS.bpd_images, dataset=FLAGS.dataset, save_samples=save_samples,
             resume_file=f"{save_samples or FLAGS.json}.partial.npz" if save_samples or FLAGS.json else "",
-            sampler=FLAGS.sampler, steps=FLAGS.steps, spacing=FLAGS.spacing, eta=FLAGS.eta, sigma=FLAGS.sigma,
-            clip_x0=FLAGS.clip_x0, guidance=FLAGS.guidance, **data, **metrics)
+            **cli.sample_overrides(), **data, **metrics)
     print(json.dumps(result, indent=2))
     if FLAGS.json:
         try:

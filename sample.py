@@ -28,20 +28,9 @@ flags.DEFINE_integer("num", 100, "Number of samples.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same samples.")
 flags.DEFINE_enum("weights", "auto", ["auto", "ema", "raw"],
                   "Which parameters: the EMA (ema), the trained ones (raw), or the EMA when the run kept one (auto).")
-flags.DEFINE_string("sampler", None, "Reverse process: ddpm (Algorithm 2), ddim or dpmpp_2m (DPM-Solver++(2M)) "
-                    "(default: the checkpoint config's).")
-flags.DEFINE_integer("steps", None, "Reverse steps, evenly respaced; 0 = all of the model's steps, at most the "
-                     "model's n_steps (default: the checkpoint config's).", lower_bound=0)
-flags.DEFINE_string("spacing", None, "How fewer steps are spread: linear (evenly in t), quadratic (denser near "
-                    "t = 0) or logsnr (evenly in log-SNR) (default: the checkpoint config's).")
-flags.DEFINE_float("eta", None, "DDIM noise: 0 = deterministic, 1 = DDPM-like (default: the config's).",
-                   lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_enum("sigma", None, ["beta", "beta_tilde"], "DDPM reverse-process variance (default: the config's).")
-flags.DEFINE_bool("clip_x0", None, "Clip the x0 estimate to [-1, 1] at every step (default: the config's).")
+cli.define_sample_flags()
 flags.DEFINE_string("label", None, "Conditional models: the class to draw, by index or name ('7', 'sneaker'), "
                     "or 'none' for unconditional samples; default: one row per class.")
-flags.DEFINE_float("guidance", None, "Conditional models: classifier-free guidance weight w, "
-                   "eps = (1 + w) eps(x, y) - w eps(x) (default: the config's).", lower_bound=0.0)
 flags.DEFINE_string("out", "samples.npz", "Samples as uint8 NHWC under key arr_0 ('' to skip).")
 flags.DEFINE_string("grid", "samples.png", "A PNG grid of the samples ('' to skip).")
 flags.DEFINE_enum("display", "clip", ["clip", "minmax"],
@@ -81,8 +70,7 @@ def main():
 
     trained = load_trained(FLAGS.ckpt, FLAGS.which, FLAGS.weights)
     labels, cols = _labels(trained)
-    options = sample_options(trained.config, sampler=FLAGS.sampler, steps=FLAGS.steps, spacing=FLAGS.spacing,
-                             eta=FLAGS.eta, sigma=FLAGS.sigma, clip_x0=FLAGS.clip_x0, guidance=FLAGS.guidance)
+    options = sample_options(trained.config, **cli.sample_overrides())
     mesh = make_mesh()  # every local device takes a slice of each batch
     steps = options.steps or trained.schedule.n_steps
     num_frames = min(FLAGS.frames, steps) if FLAGS.gif else 0

@@ -23,6 +23,36 @@ from ddpm_jax.errors import UserError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# The flags DEFINEd here belong to the CLI that calls define_sample_flags (its --help lists them).
+flags.disclaim_key_flags()
+
+SAMPLE_FLAGS = ("sampler", "steps", "spacing", "eta", "sigma", "clip_x0", "guidance")
+
+
+def define_sample_flags(also: str = "") -> None:
+    """The flags of sampling.SampleOptions (sample.py, evaluate.py); each defaults to the
+    checkpoint config's value and is checked by SampleOptions.validate. `also` ends the help
+    of --sigma and --clip_x0 (evaluate.py: they also choose the model whose bits/dim is measured)."""
+    default = " (default: the checkpoint config's)."
+    flags.DEFINE_string("sampler", None, "Reverse process: ddpm (Algorithm 2), ddim or dpmpp_2m (DPM-Solver++(2M))"
+                        + default)
+    flags.DEFINE_integer("steps", None, "Network evaluations, on respaced steps; 0 = all of the model's steps, at "
+                         "most its n_steps" + default, lower_bound=0)
+    flags.DEFINE_string("spacing", None, "How fewer steps are spread: linear (evenly in t), quadratic (denser near "
+                        "t = 0) or logsnr (evenly in log-SNR)" + default)
+    flags.DEFINE_float("eta", None, "DDIM noise: 0 = deterministic, 1 = DDPM-like" + default,
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_enum("sigma", None, ["beta", "beta_tilde"], "DDPM reverse-process variance" + also + default)
+    flags.DEFINE_bool("clip_x0", None, "Clip the x0 estimate to [-1, 1] at every step" + also + default)
+    flags.DEFINE_float("guidance", None, "Conditional models: classifier-free guidance weight w, "
+                       "eps = (1 + w) eps(x, y) - w eps(x)" + default, lower_bound=0.0)
+
+
+def sample_overrides() -> dict:
+    """The values of define_sample_flags' flags (None where not given), for SampleOptions.from_config."""
+    return {name: getattr(flags.FLAGS, name) for name in SAMPLE_FLAGS}
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

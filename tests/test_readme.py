@@ -56,6 +56,9 @@ def script_flags(script):
     """(flags, boolean flags) that a script defines, read from its source."""
     with open(os.path.join(ROOT, script)) as f:
         source = f.read()
+    if "cli.define_sample_flags(" in source:  # the sampling flags, DEFINEd in ddpm_jax/cli.py
+        with open(os.path.join(ROOT, "ddpm_jax", "cli.py")) as f:
+            source += f.read()
     names = set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", source))
     booleans = set(re.findall(r"DEFINE_bool(?:ean)?\(\s*[\"'](\w+)[\"']", source))
     argparse = {name.replace("-", "_") for name in re.findall(r"add_argument\(\s*[\"']--([\w-]+)[\"']", source)}
