@@ -139,13 +139,17 @@ def test_not_prepared_without_network_fails_fast(tmp_path, monkeypatch):
 
 
 class _NotFoundProxy(http.server.BaseHTTPRequestHandler):
-    """An HTTP proxy that answers 404 to everything."""
+    """An HTTP proxy that answers 404 to everything; counts the GETs (tfds' downloads)."""
+
+    gets = 0
 
     def do_HEAD(self):
         self.send_response(404)
         self.end_headers()
 
-    do_GET = do_HEAD
+    def do_GET(self):
+        type(self).gets += 1
+        self.do_HEAD()
 
     def log_message(self, *args):
         pass
@@ -154,6 +158,7 @@ class _NotFoundProxy(http.server.BaseHTTPRequestHandler):
 def test_a_download_that_fails_is_one_line(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundProxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    _NotFoundProxy.gets = 0
     try:
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")  # fashion_mnist's URLs
         monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_address[1]}")
@@ -163,7 +168,14 @@ def test_a_download_that_fails_is_one_line(tmp_path, monkeypatch):
             data.load_split("fashion_mnist", data_dir=str(tmp_path / "tfds"))
         assert "\n" not in str(info.value)
     finally:
+        # tfds raises at the first failed archive while its pool still downloads the others.
+        # Answer those too before closing: a download left without its proxy retries with
+        # back-off in a pool thread, and interpreter exit waits for it (CI hung here).
+        deadline = time.monotonic() + 30
+        while _NotFoundProxy.gets < len(ARCHIVES) and time.monotonic() < deadline:
+            time.sleep(0.05)
         server.shutdown()
+        server.server_close()
 
 
 def test_manual_dir_missing_files(tmp_path):
