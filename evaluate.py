@@ -1,6 +1,7 @@
 """Evaluate generated images: FID, KID and class entropy on a small classifier's features, and bits/dim.
 
     python evaluate.py --train_classifier --dataset fashion_mnist --manual_dir DIR   # once per dataset
+    python evaluate.py --train_classifier --dataset cifar10                          # any labelled tfds dataset
     python evaluate.py --samples samples.npz --dataset fashion_mnist                 # any generator's samples
     python evaluate.py --ckpt runs/fashion --num 10000 --bpd_images 1000             # sample, evaluate, bits/dim
 
@@ -10,8 +11,10 @@ reference beside it (as many training images as samples, against the same test s
 The JSON goes to stdout (notes to stderr); --json PATH writes it too. An interrupted --ckpt
 run keeps its finished samples in <--save_samples or --json path>.partial.npz, and the same
 command resumes from them. The classifier is trained once per dataset with --train_classifier
-(never implicitly) and cached under ~/.cache/ddpm_jax/classifiers/<dataset>/ (--cache_dir or
-$DDPM_JAX_CACHE move it). The library side: ddpm_jax/evaluation.py.
+(never implicitly), sized for the dataset's images (classifier.classifier_config_for: a small CNN
+for 28x28 grayscale, a wider one for 32x32 RGB), and cached under
+~/.cache/ddpm_jax/classifiers/<dataset>/ (--cache_dir or $DDPM_JAX_CACHE move it). The library
+side: ddpm_jax/evaluation.py.
 """
 
 import json
@@ -24,7 +27,8 @@ flags.DEFINE_string("samples", None, "An .npz of generated images: uint8 (N, H, 
 flags.DEFINE_string("ckpt", None, "A train.py workdir, its checkpoints/ folder or one step folder: sample from it "
                                   "and evaluate.")
 flags.DEFINE_bool("train_classifier", False, "Train the dataset's classifier and store it in the cache.")
-flags.DEFINE_string("dataset", None, "fashion_mnist or mnist (with --ckpt: the checkpoint's, by default).")
+flags.DEFINE_string("dataset", None, "A labelled tfds image dataset: fashion_mnist, mnist, cifar10, ... (with "
+                                     "--ckpt: the checkpoint's, by default).")
 flags.DEFINE_string("data_dir", "", "tfds data_dir ('' = tfds' default; with --ckpt: the checkpoint config's).")
 flags.DEFINE_string("manual_dir", "", "Folder with the official .gz archives, for machines without internet "
                                       "(with --ckpt: the checkpoint config's by default).")
@@ -52,8 +56,10 @@ flags.DEFINE_integer("kid_subsets", 100, "KID: number of random subsets.", lower
 flags.DEFINE_integer("kid_subset_size", 1000, "KID: rows per subset (capped at the smaller set).", lower_bound=2)
 # classifier training: change only for tests and experiments (classifier.json records them)
 flags.DEFINE_integer("classifier_epochs", None, "Classifier epochs (default: the library's).", lower_bound=1)
-flags.DEFINE_list("classifier_channels", None, "Classifier conv widths (default: 32,64).")
-flags.DEFINE_integer("classifier_features", None, "Classifier feature width (default: 128).", lower_bound=1)
+flags.DEFINE_list("classifier_channels", None, "Classifier conv widths (default: for the image shape, 32,64 "
+                                               "for 28x28 grayscale, 64,128,256 for 32x32 RGB).")
+flags.DEFINE_integer("classifier_features", None, "Classifier feature width (default: 128 for 28x28 grayscale, "
+                                                  "else 256).", lower_bound=1)
 flags.DEFINE_integer("classifier_train_images", 0, "Train the classifier on the first N images (0 = all).",
                      lower_bound=0)
 FLAGS = flags.FLAGS
@@ -77,10 +83,10 @@ def main():
                 progress=FLAGS.progress)
     metrics = dict(kid_subsets=FLAGS.kid_subsets, kid_subset_size=FLAGS.kid_subset_size)
     if FLAGS.dataset:
-        evaluation.check_dataset(FLAGS.dataset)
+        evaluation.check_dataset(FLAGS.dataset, FLAGS.data_dir)
     if FLAGS.train_classifier:
         if not FLAGS.dataset:
-            cli.fail("--train_classifier needs --dataset (fashion_mnist or mnist)")
+            cli.fail("--train_classifier needs --dataset (e.g. fashion_mnist, mnist or cifar10)")
         channels = tuple(int(c) for c in FLAGS.classifier_channels) if FLAGS.classifier_channels else None
         result = evaluation.train_and_store_classifier(
             FLAGS.dataset, overwrite=FLAGS.overwrite, channels=channels, features=FLAGS.classifier_features,

@@ -131,7 +131,8 @@ def _labels(trained):
         return None, None
     if FLAGS.label is None:
         return class_rows(FLAGS.num, trained.num_classes)
-    return [label_index(FLAGS.label, trained.config.data.name)] * FLAGS.num, None
+    d = trained.config.data
+    return [label_index(FLAGS.label, d.name, d.path, data_dir=d.data_dir)] * FLAGS.num, None
 
 
 if __name__ == "__main__":

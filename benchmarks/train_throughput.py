@@ -2,10 +2,12 @@
 
     python benchmarks/train_throughput.py --config configs/fashion.py [--steps 30] [--json out.json]
     python benchmarks/train_throughput.py --config configs/fashion.py --config.train.batch_size=256
+    python benchmarks/train_throughput.py --config configs/cifar10.py --config.model.dtype=bfloat16 --num_examples 50000
 
 The data is random uint8 of the dataset's shape (throughput does not depend on
-the pixels), kept on the device as in training; steps run as `train_chunk`
-does in a real run (compiled first, then the compiler's memory released). images/s
+the pixels; data.image_size and data.channels override it), kept on the device as in
+training; steps run as `train_chunk` does in a real run (compiled first, then the
+compiler's memory released), random flips included when the config has them. images/s
 comes from the median chunk time over at least 3 chunks and 30 steps.
 """
 
@@ -35,7 +37,17 @@ flags.DEFINE_integer("num_examples", 60000, "Size of the synthetic on-device tra
 flags.DEFINE_string("json", "", "Also write the result to this file.")
 FLAGS = flags.FLAGS
 
-IMAGE_SHAPE = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
+IMAGE_SHAPE = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+def image_shape_of(data_config) -> tuple[int, int, int]:
+    """(H, W, C) of the config's training images, without reading them."""
+    size, channels = data_config.get("image_size", 0), data_config.get("channels", 0)
+    if data_config.name not in IMAGE_SHAPE and not (size and channels):
+        raise SystemExit(f"no stored shape for {data_config.name!r}: pass --config.data.image_size and "
+                         "--config.data.channels")
+    height, width, stored = IMAGE_SHAPE.get(data_config.name, (size, size, channels))
+    return (size or height, size or width, channels or stored)
 
 
 def main(_):
@@ -44,14 +56,17 @@ def main(_):
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ddpm-jax-bench-cache-"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-    image_shape = IMAGE_SHAPE[config.data.name]
+    image_shape = image_shape_of(config.data)
     batch, chunk = config.train.batch_size, config.train.steps_per_chunk
     model = create_model(config, image_shape)
     keys = run_keys(jax.random.key(config.seed))
     num_classes = config.model.num_classes
-    state = create_train_state(model, make_schedule(config.diffusion), create_optimizer(config.optim), keys["init"],
+    d = config.diffusion
+    state = create_train_state(model, make_schedule(d), create_optimizer(config.optim), keys["init"],
                                image_shape, ema_decay=config.train.ema_decay, num_classes=num_classes,
-                               label_dropout=config.train.label_dropout)
+                               label_dropout=config.train.label_dropout, prediction=d.prediction,
+                               loss_weighting=d.loss_weighting, snr_gamma=d.snr_gamma,
+                               random_flip=config.data.random_flip)
     runtime.release_free_host_memory()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (FLAGS.num_examples, *image_shape), dtype=np.uint8))
@@ -82,11 +97,15 @@ def main(_):
     report({
         "benchmark": "train_throughput",
         "model": config.model.name,
+        "dtype": config.model.dtype,
+        "image_shape": list(image_shape),
+        "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
         "batch_size": batch,
         "steps_per_chunk": chunk,
         "scan": scan_by_default(),
         "timed_steps": len(times) * chunk,
         "images_per_s": round(chunk * batch / per_chunk, 1),
+        "steps_per_s": round(chunk / per_chunk, 2),
         "step_ms_median": round(1000 * per_chunk / chunk, 2),
         "step_ms_per_chunk": [round(1000 * t / chunk, 1) for t in times],
         "compile_s_cold": round(cold, 2),

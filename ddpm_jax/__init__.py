@@ -13,7 +13,7 @@ The pieces, importable from the top level (loaded on first use, so that
     generate:   load_trained, generate, PartialSamples
     batching:   batched
     evaluation: evaluate_checkpoint, evaluate_samples_file
-    data:       load_split, to_model_range, from_model_range, class_names, label_index
+    data:       load_split, load_config_split, to_model_range, from_model_range, class_names, label_index
     checkpoint: load_checkpoint
     viz:        save_grid, save_gif, make_grid, gif_frames, save_forward
     run:        train_and_evaluate
@@ -36,7 +36,7 @@ _EXPORTS = {
     "generate": ["load_trained", "generate", "PartialSamples"],
     "batching": ["batched"],
     "evaluation": ["evaluate_checkpoint", "evaluate_samples_file"],
-    "data": ["load_split", "to_model_range", "from_model_range", "class_names", "label_index"],
+    "data": ["load_split", "load_config_split", "to_model_range", "from_model_range", "class_names", "label_index"],
     "checkpoint": ["load_checkpoint"],
     "viz": ["save_grid", "save_gif", "make_grid", "gif_frames", "save_forward"],
     "run": ["train_and_evaluate"],

@@ -1,9 +1,11 @@
 """The domain classifier whose features the sample-quality metrics use, and its cache.
 
 :class:`Classifier`, a small CNN (flax.linen) trained per dataset by :func:`train_classifier`
-(optax Adam, one jitted step, ``fold_in(key, step)`` for the dropout noise,
-``permutation(fold_in(data_key, epoch))`` for the data order). Its penultimate layer
-(``features``, 128-d, before the ReLU) is the feature space of ddpm_jax.metrics; its logits
+(optax Adam, one jitted step, ``fold_in(key, step)`` for the dropout noise and the flips,
+``permutation(fold_in(data_key, epoch))`` for the data order), sized for the dataset's images
+by :func:`classifier_config_for` (MNIST-like 28x28 grayscale: two stages, 128 features;
+CIFAR-10-like 32x32 RGB: three wider stages, 256 features, flips). Its penultimate layer
+(``features``, before the ReLU) is the feature space of ddpm_jax.metrics; its logits
 give the class histogram. Stored in a cache folder (:func:`classifier_dir`,
 :func:`save_classifier`, :func:`load_classifier`): an Orbax checkpoint of the params plus
 ``classifier.json`` (:func:`classifier_info`).
@@ -38,8 +40,9 @@ PARAMS_DIR = "params"
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
-    """What defines a classifier and its training. The defaults reach >= 90 % test accuracy on
-    Fashion-MNIST and >= 99 % on MNIST; anything smaller is for tests only."""
+    """What defines a classifier and its training. The defaults, the MNIST-like images' (see
+    classifier_config_for), reach >= 90 % test accuracy on Fashion-MNIST and >= 99 % on MNIST;
+    anything smaller is for tests only."""
 
     channels: tuple[int, ...] = (32, 64)  # conv widths, each stage conv3x3 + ReLU + 2x2 max-pool
     features: int = 128  # width of the penultimate (feature) layer
@@ -49,11 +52,35 @@ class ClassifierConfig:
     learning_rate: float = 1e-3  # Adam, cosine-decayed to 0 over the run
     seed: int = 0
     train_images: int = 0  # use the first N training images (0 = all)
+    random_flip: bool = False  # mirror each training image left-right with probability 1/2
 
     def architecture(self) -> dict:
         """The fields a checkpoint needs to rebuild the network (stored in classifier.json)."""
         return {"architecture": ARCHITECTURE, "arch_version": ARCH_VERSION, "channels": list(self.channels),
                 "features": self.features, "dropout": self.dropout}
+
+
+def classifier_config_for(image_shape: tuple[int, int, int]) -> ClassifierConfig:
+    """The classifier suited to images of shape (H, W, C).
+
+    Grayscale up to 28x28 (MNIST, Fashion-MNIST): ClassifierConfig()'s two stages (32, 64) and 128
+    features, 5 epochs, unchanged since its cached checkpoints were trained. Anything else, such
+    as CIFAR-10's 32x32x3: stages of 64, 128, 256, 256, ... channels until the map is 4 to 7
+    pixels wide (three at 32x32), 256 features, 10 epochs, and left-right flips for RGB images
+    (photos are mirror-symmetric in distribution; digits and letters are not).
+    """
+    height, width, channels = image_shape
+    if channels == 1 and max(height, width) <= 28:
+        return ClassifierConfig()
+    stages = max(1, min(height, width).bit_length() - 3)
+    return ClassifierConfig(channels=tuple(min(64 << i, 256) for i in range(stages)), features=256, epochs=10,
+                            random_flip=channels == 3)
+
+
+def random_flips(images, key: jax.Array):
+    """images (B, H, W, C), each mirrored left-right with probability 1/2 (drawn from key)."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1], images)
 
 
 class Classifier(nn.Module):
@@ -103,7 +130,8 @@ def train_classifier(images_u8, labels, config: ClassifierConfig = ClassifierCon
     """Trains a Classifier from scratch on (images (N, H, W, C) uint8, labels (N,) int).
 
     Each epoch runs N // batch_size full batches of permutation(fold_in(data_key, epoch));
-    step s draws its dropout noise from fold_in(dropout_key, s). The same config and data
+    step s draws its dropout noise from fold_in(dropout_key, s) and, with config.random_flip,
+    its flips from fold_in(flip_key, s). The same config and data
     give the same params on the same device. Returns (model, params {'params': ...},
     mean training loss of each epoch).
     """
@@ -118,7 +146,7 @@ def train_classifier(images_u8, labels, config: ClassifierConfig = ClassifierCon
     steps_per_epoch = n // batch
     model = create_classifier(config, num_classes)
     key = jax.random.key(config.seed)
-    init_key, data_key, dropout_key = (jax.random.fold_in(key, i) for i in range(3))
+    init_key, data_key, dropout_key, flip_key = (jax.random.fold_in(key, i) for i in range(4))
     params = init_classifier(model, init_key, images_u8.shape[1:])
     optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps_per_epoch))
     opt_state = optimizer.init(params)
@@ -126,8 +154,11 @@ def train_classifier(images_u8, labels, config: ClassifierConfig = ClassifierCon
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, images, labels, order, index, step_number):
         picked = jax.lax.dynamic_slice_in_dim(order, index * batch, batch)
+        batch_images = images[picked]
+        if config.random_flip:
+            batch_images = random_flips(batch_images, jax.random.fold_in(flip_key, step_number))
         loss, grads = jax.value_and_grad(lambda p: classifier_loss(
-            model, p, images[picked], labels[picked], jax.random.fold_in(dropout_key, step_number)))(params)
+            model, p, batch_images, labels[picked], jax.random.fold_in(dropout_key, step_number)))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -261,7 +292,6 @@ def load_classifier(folder: str) -> tuple[Classifier, dict, dict]:
     return model, params, info
 
 
-
 def classifier_info(config: ClassifierConfig, *, dataset: str, image_shape, num_classes: int, test_accuracy: float,
                     train_images: int, train_seconds: float, epoch_losses: list[float]) -> dict:
     """The JSON stored beside a classifier's params: architecture, training and accuracy."""
@@ -274,6 +304,7 @@ def classifier_info(config: ClassifierConfig, *, dataset: str, image_shape, num_
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
+        "random_flip": config.random_flip,
         "seed": config.seed,
         "train_images": train_images,
         "train_seconds": round(train_seconds, 1),

@@ -1,21 +1,32 @@
-"""Datasets: read a whole tfds split into memory, and convert pixels to/from the model range.
+"""Datasets: read a whole split into memory as uint8 images, and convert pixels to/from the model range.
 
-Images are NHWC ``uint8`` on the host, ``(N, H, W, C)`` (``(N, 28, 28, 1)`` for
-Fashion-MNIST and MNIST), labels ``int32`` ``(N,)``. The model works in [-1, 1]:
-:func:`to_model_range` is the article's ``ToTensor()`` followed by
-``Lambda(lambda x: (x - 0.5) * 2)``; :func:`from_model_range` goes back.
+Images are NHWC ``uint8`` on the host, ``(N, H, W, C)`` with C = 1 or 3 (``(N, 28, 28, 1)``
+for Fashion-MNIST and MNIST, ``(N, 32, 32, 3)`` for CIFAR-10), labels ``int32`` ``(N,)``.
+The model works in [-1, 1]: :func:`to_model_range` is the article's ``ToTensor()`` followed
+by ``Lambda(lambda x: (x - 0.5) * 2)``; :func:`from_model_range` goes back.
 
-Where the data comes from (:func:`load_split`): a split prepared in the tfds ``data_dir``
-is read as it is, in tfds' own order (``builder.as_data_source``: array_record, no
-TensorFlow import; or ``as_dataset`` for data prepared as tfrecord elsewhere). Otherwise
-tfds prepares it (array_record) from the archives its dataset code registers, taken from
-``manual_dir`` when set (tfds checks them against its registered checksums), else
-downloaded; tfds would retry an unreachable host for minutes, so one request with a
-3-second timeout is tried first. Every problem a user can fix is a one-line
-:class:`ddpm_jax.errors.UserError`.
+:func:`load_split` reads any tfds dataset with an image feature (``mnist``, ``cifar10``,
+``celeb_a``, ``oxford_flowers102``, ...) or ``"folder"``, a folder of image files.
+``image_size`` > 0 resizes each image (shorter side) and centre-crops it to a square;
+``channels`` makes it grayscale (1) or RGB (3). Images are converted one at a time and
+only the results are kept, so a dataset of large images is never in memory at full size.
 
-tensorflow_datasets is imported inside the functions, so ``import ddpm_jax.data`` stays
-cheap. Under ``tfds.testing.mock_data`` an unprepared dataset is read from the mock.
+tfds: a split prepared in the tfds ``data_dir`` is read as it is, in tfds' own order
+(``builder.as_data_source``: array_record, no TensorFlow import; or ``as_dataset`` for data
+prepared as tfrecord elsewhere). Otherwise tfds prepares it (array_record) from the archives
+its dataset code registers, taken from ``manual_dir`` when set (tfds checks them against its
+registered checksums), else downloaded; tfds would retry an unreachable host for minutes, so
+one request with a 3-second timeout is tried first. The image is the tfds ``Image`` feature
+(the supervised input when the dataset has supervised keys), the label its supervised
+``ClassLabel``; a dataset without one gets label 0 everywhere.
+
+Folder: every PNG/JPEG/BMP/GIF/WebP file under ``path`` (recursively, hidden files skipped)
+in sorted path order; when every image sits in a first-level subfolder, those subfolders
+are the classes (as torchvision's ``ImageFolder``), else every label is 0.
+
+Every problem a user can fix is a one-line :class:`ddpm_jax.errors.UserError`.
+tensorflow_datasets and PIL are imported inside the functions, so ``import ddpm_jax.data``
+stays cheap. Under ``tfds.testing.mock_data`` an unprepared dataset is read from the mock.
 """
 
 from __future__ import annotations
@@ -28,10 +39,15 @@ import numpy as np
 
 from ddpm_jax.errors import UserError
 
-SUPPORTED_DATASETS = ("fashion_mnist", "mnist")
+# data.name for a folder of image files rather than a tfds dataset.
+FOLDER = "folder"
+# What a folder dataset reads (any case); PIL decodes them all.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 # How long the download check waits for the first archive's host to answer.
 _PROBE_TIMEOUT_S = 3.0
+# Examples read from a tfds data source per batched read.
+_READ_CHUNK = 1024
 
 
 # --------------------------------------------------------------------------- pixels
@@ -77,32 +93,279 @@ def from_model_range(x, clip: bool = True) -> np.ndarray:
     return np.floor((v + 1.0) * 127.5 + 0.5).astype(np.uint8)
 
 
+# --------------------------------------------------------------------------- one image
+
+
+def _check_image_options(image_size, channels) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 0:
+        raise UserError(f"--config.data.image_size must be 0 (as stored) or a size in pixels, got {image_size!r}")
+    if isinstance(channels, bool) or channels not in (0, 1, 3):
+        raise UserError(f"--config.data.channels must be 0 (as stored), 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+
+def _flatten_alpha(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, C + 1), the last channel alpha -> uint8 (H, W, C) composited on white.
+
+    White rather than dropping alpha: the colour stored under transparent pixels is arbitrary
+    (often black), and white is the background such images (icons, sprites) are drawn for.
+    """
+    colour, alpha = pixels[..., :-1].astype(np.uint32), pixels[..., -1:].astype(np.uint32)
+    return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _from_16_bits(pixels: np.ndarray) -> np.ndarray:
+    """16-bit pixels (any shape, values 0..65535) -> uint8, round(v / 257): 65535 -> 255."""
+    return ((np.clip(pixels, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _pil_pixels(image) -> np.ndarray:
+    """A decoded PIL image of any mode -> uint8 (H, W, 1) grayscale or (H, W, 3) RGB.
+
+    L, 1, LA, I;16 (16-bit, scaled to 8 bits) and palettes of grays are grayscale; RGB, RGBA,
+    CMYK, colour palettes, ... are RGB. Transparency (an alpha band, or a PNG/GIF transparent
+    colour) is composited on white (see :func:`_flatten_alpha`).
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        return _from_16_bits(np.asarray(image))[..., None]
+    gray = Image.getmodebase(mode) == "L"
+    if image.has_transparency_data:
+        pixels = _flatten_alpha(np.asarray(image.convert("LA" if gray else "RGBA")))
+    else:
+        pixels = np.asarray(image.convert("L" if gray else "RGB"))
+    pixels = pixels.reshape(*pixels.shape[:2], -1)
+    if mode in ("P", "PA") and (pixels == pixels[..., :1]).all():  # a palette of grays only
+        pixels = pixels[..., :1]
+    return pixels
+
+
+def _array_pixels(pixels: np.ndarray, source: str) -> np.ndarray:
+    """A tfds image, uint8 or uint16 (H, W, C) with C = 1..4 -> uint8 (H, W, 1) or (H, W, 3), alpha on white."""
+    if pixels.dtype == np.uint16:
+        pixels = _from_16_bits(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or not 1 <= pixels.shape[-1] <= 4:
+        raise UserError(f"{source} holds {pixels.dtype} images of shape {pixels.shape}, not 8- or 16-bit "
+                        "grayscale or RGB images; use another dataset")
+    return _flatten_alpha(pixels) if pixels.shape[-1] in (2, 4) else pixels
+
+
+def _resize_and_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (size, size, C): the shorter side resized to size, the centre kept.
+
+    PIL's BICUBIC widens its kernel by the shrink factor, so it is antialiased at any ratio
+    (plain bicubic interpolation, e.g. tf.image.resize's default, aliases when shrinking a lot);
+    guided-diffusion's box-then-bicubic is a speed shortcut that changes the pixels a little.
+    Resizing just the central square (``box=``) is the same as resizing the whole image and
+    cropping its centre (the kernel still reads the pixels beside the box), with the crop at
+    its exact, possibly half-pixel, centre and no work spent on the pixels the crop drops.
+    """
+    from PIL import Image
+
+    height, width, channels = pixels.shape
+    if (height, width) == (size, size):
+        return pixels
+    side = min(height, width)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box)).reshape(size, size, channels)
+
+
+def _fit(pixels: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """uint8 (H, W, 1|3) -> (image_size, image_size, channels); 0 keeps the size or the channels."""
+    if channels == 1 and pixels.shape[-1] == 3:  # before resizing: a third of the work
+        from PIL import Image
+
+        pixels = np.asarray(Image.fromarray(pixels).convert("L"))[..., None]  # ITU-R 601-2 luma
+    if image_size:
+        pixels = _resize_and_crop(pixels, image_size)
+    if channels == 3 and pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return pixels
+
+
+def _stack(examples, count: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` (where, uint8 (H, W, 1|3), label) triples -> (uint8 (count, H, W, C), int32 (count,)).
+
+    Filled in place, so only the converted images are ever held. Grayscale images among colour
+    ones are made RGB (a colour image anywhere makes the set RGB). UserError naming two
+    images of different sizes.
+    """
+    images, labels, first = None, np.zeros((count,), np.int32), ""
+    for index, (where, pixels, label) in enumerate(examples):
+        if images is None:
+            images, first = np.empty((count, *pixels.shape), np.uint8), where
+        elif pixels.shape[:2] != images.shape[1:3]:
+            (h0, w0), (h, w) = images.shape[1:3], pixels.shape[:2]
+            raise UserError(f"the images of {source} differ in size ({first} is {w0}x{h0}, {where} is {w}x{h}); "
+                            "set --config.data.image_size=N to resize and centre-crop them to N x N")
+        elif pixels.shape[-1] > images.shape[-1]:
+            images = np.repeat(images, pixels.shape[-1], axis=-1)
+        images[index] = pixels  # (H, W, 1) broadcasts into an RGB set
+        labels[index] = label
+    return images, labels
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _image_files(path: str) -> tuple[str, list[str]]:
+    """(the folder, the image files under it as paths relative to it, sorted); UserError if none."""
+    if not path:
+        raise UserError(f"data.name '{FOLDER}' reads a folder of images: set --config.data.path=DIR")
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(root):
+        raise UserError(f"--config.data.path {root} does not exist or is not a folder; point it at a folder of images")
+    files = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
+        files += [os.path.relpath(os.path.join(folder, n), root) for n in names
+                  if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}; "
+                        "point --config.data.path at a folder of images")
+    return root, sorted(files, key=lambda f: f.split(os.sep))  # a folder's files together, as ImageFolder
+
+
+def _folder_classes(files: list[str]) -> tuple[list[str], np.ndarray]:
+    """(class names, int32 labels): the sorted first-level subfolders when every file is in one, else ([], 0s)."""
+    parts = [f.split(os.sep) for f in files]
+    if any(len(p) == 1 for p in parts):
+        return [], np.zeros((len(files),), np.int32)
+    names = sorted({p[0] for p in parts})
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.array([index[p[0]] for p in parts], np.int32)
+
+
+def _load_folder(path: str, split: str, image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    root, files = _image_files(path)
+    if split != "train":
+        raise UserError(f"a folder dataset has one split, 'train' (every image under {root}), not {split!r}")
+    _, labels = _folder_classes(files)
+
+    def examples():
+        for rel, label in zip(files, labels):
+            try:
+                with Image.open(os.path.join(root, rel)) as image:
+                    image.load()  # decode now: a truncated file fails here
+                    pixels = _pil_pixels(image)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files (OSError, SyntaxError, ...)
+                raise UserError(f"cannot read image {os.path.join(root, rel)} ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())}); remove or replace it") from None
+            yield rel, _fit(pixels, image_size, channels), label
+
+    return _stack(examples(), len(files), root)
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def _builder(name: str, data_dir: str = ""):
+    """tfds' builder for ``name``; UserError for a name tfds does not know."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        guess = re.search(r"Did you mean: \S+ -> (\S+) \?", str(e))  # tfds' spelling suggestion
+        hint = f" (did you mean {guess[1]!r}?)" if guess else ""
+        raise UserError(f"unknown dataset {name!r}{hint}: set --config.data.name to a tfds dataset name "
+                        f"(https://www.tensorflow.org/datasets/catalog) or '{FOLDER}' with --config.data.path=DIR"
+                        ) from None
+    except AssertionError as e:  # tfds' check of a version or config, e.g. 'cifar10:9.9.9'
+        raise UserError(f"dataset {name!r}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _image_and_label(builder) -> tuple[str, str | None]:
+    """The keys of the image feature and of its class label (None: no label) in the dataset's features.
+
+    The supervised input and label when they are an Image and a ClassLabel, else the first Image.
+    """
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    images = [key for key, feature in features.items() if isinstance(feature, tfds.features.Image)]
+    if not images:
+        raise UserError(f"{builder.name} has no image feature (it has {', '.join(features.keys())}); "
+                        f"use a tfds image dataset or '{FOLDER}'")
+    supervised = builder.info.supervised_keys
+    if isinstance(supervised, tuple) and len(supervised) >= 2 and supervised[0] in images:
+        label = supervised[1]
+        is_class = isinstance(label, str) and isinstance(features[label], tfds.features.ClassLabel)
+        return supervised[0], label if is_class else None
+    return images[0], None
+
+
+def _source_records(source):
+    """Every record of a tfds data source, in order, read a chunk at a time."""
+    for start in range(0, len(source), _READ_CHUNK):
+        keys = list(range(start, min(start + _READ_CHUNK, len(source))))
+        try:
+            records = source.__getitems__(keys)  # one batched read: ~2x faster than one by one
+        except TypeError:  # tfds.testing.mock_data's source (tfds 4.9.10) cannot read a batch
+            records = [source[i] for i in keys]
+        yield from records
+
+
+def _read(builder, split: str, image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """All examples of ``split``, converted: (uint8 images (N, H, W, C), int32 labels (N,))."""
+    import tensorflow_datasets as tfds
+
+    image_key, label_key = _image_and_label(builder)
+    try:
+        try:
+            source = builder.as_data_source(split=split)
+            count, records = len(source), _source_records(source)
+        except NotImplementedError:
+            if not builder.is_prepared():
+                raise
+            # Prepared as tfrecord: one example at a time (images may differ in size).
+            count = builder.info.splits[split].num_examples
+            records = tfds.as_numpy(builder.as_dataset(split=split))
+    except (KeyError, ValueError) as e:  # e.g. tfds' "Unknown split 'valid'. Should be one of ['test', 'train']."
+        raise UserError(f"cannot read split {split!r} of {builder.name}: {' '.join(str(e).split())}") from None
+
+    def examples():
+        for index, record in enumerate(records):
+            pixels = _array_pixels(np.asarray(record[image_key]), builder.name)
+            yield f"example {index}", _fit(pixels, image_size, channels), record[label_key] if label_key else 0
+
+    images, labels = _stack(examples(), count, f"{builder.name} {split!r}")
+    if images is None:  # an empty split
+        height, width, stored = builder.info.features[image_key].shape
+        images = np.zeros((0, image_size or height or 0, image_size or width or 0, channels or stored or 0), np.uint8)
+    return images, labels
+
+
 # --------------------------------------------------------------------------- datasets
 
 
-def _check_name(name: str) -> None:
-    if name not in SUPPORTED_DATASETS:
-        raise UserError(f"unknown dataset {name!r}: supported datasets are {', '.join(SUPPORTED_DATASETS)}")
+def class_names(name: str, path: str = "", *, data_dir: str = "") -> list[str]:
+    """The label names of dataset ``name``, index = label; [] when it has no class labels.
 
-
-def class_names(name: str) -> list[str]:
-    """The label names of dataset ``name``, index = label, from tfds' own metadata.
-
-    fashion_mnist: 'T-shirt/top', 'Trouser', ..., 'Ankle boot'; mnist: '0'..'9'.
-    Needs no prepared data (the names live in the dataset's code).
+    tfds datasets: from tfds' metadata, which its dataset code holds (fashion_mnist:
+    'T-shirt/top', 'Trouser', ..., 'Ankle boot'; mnist: '0'..'9'; celeb_a: []) or, for a few
+    datasets, reads from the downloaded files: cifar10's 'airplane', ..., 'truck' come from
+    the copy prepared in ``data_dir`` ('' = tfds' default) and are '0'..'9' until then.
+    ``"folder"``: the sorted first-level subfolders of ``path`` when every image sits in one, else [].
     """
-    _check_name(name)
-    import tensorflow_datasets as tfds
+    if name == FOLDER:
+        return _folder_classes(_image_files(path)[1])[0]
+    builder = _builder(name, data_dir)
+    _, label_key = _image_and_label(builder)
+    return list(builder.info.features[label_key].names) if label_key else []
 
-    builder = tfds.builder(name)
-    _, label_key = builder.info.supervised_keys
-    return list(builder.info.features[label_key].names)
 
-
-def label_index(label: str, name: str) -> int:
+def label_index(label: str, name: str, path: str = "", *, data_dir: str = "") -> int:
     """A class of dataset `name` as its index, from the index ('7') or its name, any case, with or
-    without punctuation ('sneaker', 'Ankle boot', 'ankle_boot', 't-shirt'); UserError otherwise."""
-    names = class_names(name)
+    without punctuation ('sneaker', 'Ankle boot', 'ankle_boot', 't-shirt'); UserError otherwise.
+    ``path`` and ``data_dir`` as for :func:`class_names`."""
+    names = class_names(name, path, data_dir=data_dir)
+    if not names:
+        raise UserError(f"{name} has no class labels; sample without --label")
     if label.strip().isdigit() and int(label) < len(names):
         return int(label)
 
@@ -118,58 +381,45 @@ def label_index(label: str, name: str) -> int:
 
 
 def load_split(
-    name: str, split: str = "train", *, data_dir: str = "", manual_dir: str = ""
+    name: str, split: str = "train", *, data_dir: str = "", manual_dir: str = "", path: str = "",
+    image_size: int = 0, channels: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The whole split of tfds dataset ``name`` in memory, in tfds' order.
+    """The whole split of dataset ``name`` in memory, in the dataset's order.
 
     Returns ``(images, labels)``: images uint8 ``(N, H, W, C)`` (``(60000, 28, 28, 1)``
-    for the Fashion-MNIST/MNIST train split), labels int32 ``(N,)``. ``split`` is any
-    tfds split string ('train', 'test', 'train[:10%]', ...).
+    for the Fashion-MNIST/MNIST train split), labels int32 ``(N,)`` (0 for a dataset without
+    class labels).
+
+    ``name``: a tfds dataset with an image feature, ``split`` any tfds split string ('train',
+    'test', 'train[:10%]', ...); or ``"folder"``, the image files under ``path``, whose one
+    split is 'train'. ``image_size`` > 0: each image's shorter side resized to it and the
+    centre cropped, (N, image_size, image_size, C); 0 keeps the stored size, which must then
+    be the same for all. ``channels``: 1 grayscale, 3 RGB, 0 as stored (for a folder: RGB if
+    any image has colour, else grayscale).
 
     ``data_dir``: the tfds data folder ('' = tfds' default, ``~/tensorflow_datasets``
     or ``$TFDS_DATA_DIR``). ``manual_dir``: a folder holding the archives tfds registers
     for ``name`` (for MNIST and Fashion-MNIST ``train-images-idx3-ubyte.gz``, ...), directly
     or in ``manual_dir/<name>/``; used only to prepare a dataset not prepared yet.
     """
-    _check_name(name)
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
+    _check_image_options(image_size, channels)
+    if name == FOLDER:
+        return _load_folder(path, split, image_size, channels)
+    builder = _builder(name, data_dir)
+    _image_and_label(builder)  # before any download: a dataset without images is refused at once
     if not builder.is_prepared():
         try:
-            return _read(builder, split)  # tfds.testing.mock_data serves unprepared datasets
+            return _read(builder, split, image_size, channels)  # tfds.testing.mock_data serves unprepared datasets
         except NotImplementedError:  # no data to read: prepare it
             _prepare(builder, os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else "")
-    return _read(builder, split)
+    return _read(builder, split, image_size, channels)
 
 
-def _read(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All examples of ``split``: (uint8 images (N, H, W, C), int32 labels (N,))."""
-    import tensorflow_datasets as tfds
-
-    image_key, label_key = builder.info.supervised_keys
-    try:
-        try:
-            source = builder.as_data_source(split=split)
-        except NotImplementedError:
-            if not builder.is_prepared():
-                raise
-            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))  # prepared as tfrecord
-            images, labels = arrays[image_key], arrays[label_key]
-        else:
-            try:
-                records = source.__getitems__(list(range(len(source))))  # one batched read: ~2x faster
-            except TypeError:  # tfds.testing.mock_data's source (tfds 4.9.10) cannot read a batch
-                records = [source[i] for i in range(len(source))]
-            images = (np.stack([r[image_key] for r in records]) if records
-                      else np.zeros((0, *builder.info.features[image_key].shape), np.uint8))
-            labels = np.array([r[label_key] for r in records])
-    except (KeyError, ValueError) as e:  # e.g. tfds' "Unknown split 'valid'. Should be one of ['test', 'train']."
-        raise UserError(f"cannot read split {split!r} of {builder.name}: {' '.join(str(e).split())}") from e
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise UserError(f"{builder.name} does not hold fixed-size uint8 images (got {images.dtype} {images.shape})")
-    return images, np.asarray(labels, dtype=np.int32)
+def load_config_split(data_config, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_split` of the dataset ``config.data`` describes (its name, data_dir, manual_dir,
+    path, image_size and channels)."""
+    return load_split(data_config.name, split, data_dir=data_config.data_dir, manual_dir=data_config.manual_dir,
+                      path=data_config.path, image_size=data_config.image_size, channels=data_config.channels)
 
 
 def _prepare(builder, manual_dir: str) -> None:
@@ -182,6 +432,10 @@ def _prepare(builder, manual_dir: str) -> None:
 
     if manual_dir:
         manual_dir = _archives_folder(builder.name, manual_dir, _archives(builder))
+    elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS:  # tfds would fail with a page of instructions
+        raise UserError(f"{builder.name} is not prepared in {builder.data_dir_root} and tfds cannot download it: "
+                        f"get its files as https://www.tensorflow.org/datasets/catalog/{builder.name} says and pass "
+                        "--config.data.manual_dir=DIR with the folder holding them")
     else:
         _check_reachable(builder)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -54,22 +55,59 @@ def save_json(path: str, result: dict) -> None:
     atomic_write(path, write)
 
 
-def check_dataset(name: str) -> str:
-    from ddpm_jax.data import SUPPORTED_DATASETS
+def _in_flag_names(error: UserError) -> UserError:
+    """A data error, its config fields renamed to evaluate.py's flags (which take no folder of images)."""
+    message = re.sub(r" or 'folder' with --config\.data\.path=\S+", "", str(error))
+    for field, flag in (("--config.data.manual_dir", "--manual_dir"), ("--config.data.data_dir", "--data_dir"),
+                        ("--config.data.name", "--dataset")):
+        message = message.replace(field, flag)
+    return UserError(message)
 
-    if name not in SUPPORTED_DATASETS:
-        raise UserError(f"unknown dataset {name!r}: use {' or '.join(SUPPORTED_DATASETS)}")
+
+def class_names(dataset: str, data_dir: str = "") -> list[str]:
+    """data.class_names of a tfds dataset, its messages naming evaluate.py's flags."""
+    from ddpm_jax import data
+
+    try:
+        return data.class_names(dataset, data_dir=data_dir)
+    except UserError as e:
+        raise _in_flag_names(e) from None
+
+
+def check_dataset(name: str, data_dir: str = "") -> str:
+    """name, if it is a tfds image dataset with class labels (fashion_mnist, mnist, cifar10, ...):
+    the classifier behind FID, KID and class entropy learns them. A one-line UserError otherwise."""
+    if name == "folder":
+        raise UserError("evaluate.py measures against a labelled tfds dataset (its classifier learns the labels); "
+                        "a folder of images has no cached classifier: give --dataset the name of a tfds dataset")
+    if not class_names(name, data_dir):
+        raise UserError(f"{name} has no class labels, which evaluate.py's classifier (FID, KID, class entropy) "
+                        "learns: use a labelled tfds dataset")
     return name
 
 
 def load_split(dataset: str, split: str, data_dir: str = "", manual_dir: str = ""):
-    """data.load_split, its messages naming evaluate.py's flags."""
+    """data.load_split (the images as stored), its messages naming evaluate.py's flags."""
     from ddpm_jax import data
 
     try:
         return data.load_split(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
     except UserError as e:
-        raise UserError(str(e).replace("--config.data.manual_dir", "--manual_dir")) from None
+        raise _in_flag_names(e) from None
+
+
+def load_checkpoint_split(data_config, split: str, data_dir: str = "", manual_dir: str = ""):
+    """data.load_config_split of a checkpoint's config.data (resized or converted as it trained),
+    with --data_dir / --manual_dir, when given, in place of the config's folders."""
+    from ddpm_jax import data
+
+    data_config = data_config.copy_and_resolve_references()
+    data_config.data_dir = data_dir or data_config.data_dir
+    data_config.manual_dir = manual_dir or data_config.manual_dir
+    try:
+        return data.load_config_split(data_config, split)
+    except UserError as e:
+        raise _in_flag_names(e) from None
 
 
 def stored_classifier(dataset: str, cache_dir: str = "") -> tuple[str, dict]:
@@ -77,10 +115,10 @@ def stored_classifier(dataset: str, cache_dir: str = "") -> tuple[str, dict]:
     from ddpm_jax.classifier import classifier_dir, has_classifier, read_classifier_info
 
     folder = classifier_dir(dataset, cache_dir)
-    train = f"python evaluate.py --train_classifier --dataset {dataset} --manual_dir DIR" + (
+    train = f"python evaluate.py --train_classifier --dataset {dataset}" + (
         f" --cache_dir {cache_dir}" if cache_dir else "")
     if not has_classifier(folder):
-        raise UserError(f"no {dataset} classifier in {folder}; train it once (a few minutes on a CPU) with: {train}")
+        raise UserError(f"no {dataset} classifier in {folder}; train it once with: {train}")
     info = read_classifier_info(folder)
     if info.get("dataset") != dataset:
         raise UserError(f"the classifier in {folder} was trained on {info.get('dataset')!r}, not {dataset!r}; "
@@ -90,20 +128,23 @@ def stored_classifier(dataset: str, cache_dir: str = "") -> tuple[str, dict]:
 
 def train_and_store_classifier(dataset: str, *, data_dir: str = "", manual_dir: str = "", cache_dir: str = "",
                                overwrite: bool = False, progress: bool = False, **config) -> dict:
-    """Trains the dataset's classifier (ClassifierConfig fields in `config`; None = the default),
+    """Trains the dataset's classifier, the one classifier.classifier_config_for its image shape with
+    the ClassifierConfig fields in `config` (None = that default), on as many classes as it has,
     measures its test accuracy and stores it in the cache. Returns its classifier.json + folder."""
     from ddpm_jax import classifier as cl
-    from ddpm_jax.data import class_names
 
-    folder = cl.classifier_dir(check_dataset(dataset), cache_dir)
+    folder = cl.classifier_dir(check_dataset(dataset, data_dir), cache_dir)
     if os.path.exists(folder) and not overwrite:
         raise UserError(f"a {dataset} classifier exists in {folder}; pass --overwrite to retrain it")
-    config = dataclasses.replace(cl.ClassifierConfig(), **{k: v for k, v in config.items() if v is not None})
     images, labels = load_split(dataset, "train", data_dir, manual_dir)
     test_images, test_labels = load_split(dataset, "test", data_dir, manual_dir)
+    config = dataclasses.replace(cl.classifier_config_for(images.shape[1:]),
+                                 **{k: v for k, v in config.items() if v is not None})
     note(f"Training the {dataset} classifier ({config.epochs} epochs on {config.train_images or len(images)} images)")
     start = time.monotonic()
-    model, params, losses = cl.train_classifier(images, labels, config, num_classes=len(class_names(dataset)),
+    # After loading: some datasets (cifar10) read their class names from the prepared files.
+    num_classes = len(class_names(dataset, data_dir))
+    model, params, losses = cl.train_classifier(images, labels, config, num_classes=num_classes,
                                                 progress=progress)
     seconds = time.monotonic() - start
     acc = cl.accuracy(cl.classifier_outputs(model, params, test_images, progress=progress)[1], test_labels)
@@ -122,7 +163,6 @@ def evaluate_images(samples, dataset: str, *, data_dir: str = "", manual_dir: st
     random subset: what an ideal generator scores), both against the test split. labels: the
     classes a conditional model was asked for, (N,), or None; what: the samples' name in messages."""
     from ddpm_jax import classifier as cl
-    from ddpm_jax.data import class_names
     from ddpm_jax.metrics import compare_features, noise_like_share
 
     folder, info = stored_classifier(dataset, cache_dir)
@@ -138,7 +178,7 @@ def evaluate_images(samples, dataset: str, *, data_dir: str = "", manual_dir: st
     test_features, _ = cl.classifier_outputs(model, params, test_images, progress=progress)
     sample_features, sample_logits = cl.classifier_outputs(model, params, samples, progress=progress)
     real_features, real_logits = cl.classifier_outputs(model, params, real, progress=progress)
-    names = class_names(dataset)
+    names = class_names(dataset, data_dir)
     common = dict(class_names=names, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     sample_report = compare_features(sample_features, sample_logits, test_features, **common)
     # Noise-like: total variation above the test split's 99.5th percentile (saturated salt and pepper).
@@ -182,9 +222,11 @@ def read_samples(path: str) -> np.ndarray:
 def evaluate_samples_file(path: str, dataset: str | None, **kwargs) -> dict:
     """evaluate_images of the samples an .npz holds (sample.py --out, or any generator's)."""
     if not dataset:
-        raise UserError("--samples needs --dataset (fashion_mnist or mnist): the data the samples imitate")
+        raise UserError("--samples needs --dataset (e.g. fashion_mnist, mnist or cifar10): the data the samples "
+                        "imitate")
+    check_dataset(dataset, kwargs.get("data_dir", ""))
     samples = read_samples(path)
-    note(f"Evaluating {len(samples)} samples from {path} against {check_dataset(dataset)}")
+    note(f"Evaluating {len(samples)} samples from {path} against {dataset}")
     return {"source": {"samples": os.path.abspath(path)}, **evaluate_images(samples, dataset, what=path, **kwargs)}
 
 
@@ -253,8 +295,12 @@ def evaluate_checkpoint(ckpt: str, *, which: str = "best", weights: str = "auto"
         raise UserError(f"--dataset {dataset} but the checkpoint was trained on {config.data.name}; drop --dataset")
     dataset = config.data.name
     data_dir, manual_dir = data_dir or config.data.data_dir, manual_dir or config.data.manual_dir
-    if num:
-        stored_classifier(dataset, cache_dir)  # before the long sampling
+    if num:  # before the long sampling
+        _, info = stored_classifier(check_dataset(dataset, data_dir), cache_dir)
+        if tuple(info["image_shape"]) != tuple(trained.image_shape):
+            raise UserError(f"the checkpoint's images are {tuple(trained.image_shape)} (config.data resized or "
+                            f"converted them), the {dataset} classifier's {tuple(info['image_shape'])}: FID and KID "
+                            "need the images as stored; --num 0 measures bits/dim alone")
     if labels not in LABELS or (labels == "balanced" and not trained.num_classes):
         raise UserError(f"--labels {labels}: use auto, none or (a conditional model) balanced")
     class_labels = None if labels == "none" or not trained.num_classes else np.arange(num) % trained.num_classes
@@ -266,7 +312,8 @@ def evaluate_checkpoint(ckpt: str, *, which: str = "best", weights: str = "auto"
                          "weights": trained.weights, "seed": seed,
                          "labels": "balanced" if class_labels is not None else "none", **dataclasses.asdict(options)},
               "dataset": dataset}
-    test_images = load_split(dataset, "test", data_dir, manual_dir)[0]
+    # As the model saw them (resized, converted); with num > 0 that is as stored (checked above).
+    test_images = load_checkpoint_split(config.data, "test", data_dir, manual_dir)[0]
     if num:
         note(f"Sampling {num} images ({options.sampler}, {options.steps or 'all'} steps, {trained.weights} weights)")
         samples = draw_samples(trained, num, options=options, seed=seed, labels=class_labels, batch_size=batch_size,

@@ -1,6 +1,7 @@
 """Algorithm 1 of Ho et al.: the train state, the loss, a jitted step and a scanned chunk of steps.
 
-RNG discipline (as in VDM): a step's randomness is `fold_in(train_key, step)`, an
+RNG discipline (as in VDM): a step's randomness (t, noise, dropout, label dropout,
+flips: `loss_keys`) is `fold_in(train_key, step)`, an
 epoch's data order is `permutation(fold_in(data_key, epoch))`. Both depend only
 on the seed and the step/epoch number, so results do not depend on how steps
 are grouped into host calls, and a resumed run replays exactly.
@@ -26,8 +27,8 @@ from ddpm_jax.schedule import Schedule, q_sample
 
 class TrainState(train_state.TrainState):
     """params, opt_state and step (from flax), plus the diffusion schedule the loss needs,
-    the EMA of the parameters, and the (static) settings of the loss and the EMA
-    (prediction, loss_weighting, snr_gamma: see objectives.py).
+    the EMA of the parameters, and the (static) settings of the loss, the EMA and the
+    data augmentation (prediction, loss_weighting, snr_gamma: see objectives.py; random_flip).
 
     The schedule is a pytree of constants: traced, never trained, never checkpointed.
     ema_params is None when ema_decay = 0.
@@ -41,6 +42,7 @@ class TrainState(train_state.TrainState):
     prediction: str = flax.struct.field(pytree_node=False, default="eps")
     loss_weighting: str = flax.struct.field(pytree_node=False, default="none")
     snr_gamma: float = flax.struct.field(pytree_node=False, default=5.0)
+    random_flip: bool = flax.struct.field(pytree_node=False, default=False)  # flip each image with p = 1/2
 
 
 def run_keys(root_key: jax.Array) -> dict[str, jax.Array]:
@@ -96,9 +98,11 @@ def create_optimizer(optim_config, total_steps: int = 0) -> optax.GradientTransf
 def create_train_state(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation,
                        key: jax.Array, image_shape: tuple[int, int, int], *, ema_decay: float = 0.0,
                        num_classes: int = 0, label_dropout: float = 0.0, prediction: str = "eps",
-                       loss_weighting: str = "none", snr_gamma: float = 5.0) -> TrainState:
+                       loss_weighting: str = "none", snr_gamma: float = 5.0,
+                       random_flip: bool = False) -> TrainState:
     """Initialises the model's parameters for images of shape (H, W, C) and the optimizer state;
-    the EMA starts at the initial parameters."""
+    the EMA starts at the initial parameters. random_flip: every step flips each of its
+    images left-right with probability 1/2 (see `random_flip`)."""
     check_objective(prediction, loss_weighting, snr_gamma)
     if not 0.0 <= ema_decay < 1.0:
         raise UserError(f"--config.train.ema_decay must lie in [0, 1), got {ema_decay}")
@@ -111,7 +115,8 @@ def create_train_state(model: nn.Module, schedule: Schedule, tx: optax.GradientT
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, schedule=schedule,
                              ema_params=jax.tree.map(jnp.copy, params) if ema_decay else None,
                              ema_decay=ema_decay, num_classes=num_classes, label_dropout=label_dropout,
-                             prediction=prediction, loss_weighting=loss_weighting, snr_gamma=snr_gamma)
+                             prediction=prediction, loss_weighting=loss_weighting, snr_gamma=snr_gamma,
+                             random_flip=bool(random_flip))
 
 
 def ema_decay_at(ema_decay: float, step) -> jnp.ndarray:
@@ -126,13 +131,20 @@ def update_ema(ema_params, params, decay):
 
 
 def loss_keys(key: jax.Array) -> dict[str, jax.Array]:
-    """A step's independent streams: t, the noise, dropout and label dropout. t and noise are
-    split(key), as they always were (the article model's draws stay bit-identical); the
-    others are fold_in(key, 2 | 3), which no split of `key` yields (split(key)[i] is
+    """A step's independent streams: t, the noise, dropout, label dropout and the flips. t and
+    noise are split(key), as they always were (the article model's draws stay bit-identical);
+    the others are fold_in(key, 2 | 3 | 4), which no split of `key` yields (split(key)[i] is
     fold_in(key, i) for i = 0, 1)."""
     t_key, noise_key = jax.random.split(key)
     return {"t": t_key, "noise": noise_key, "dropout": jax.random.fold_in(key, 2),
-            "label": jax.random.fold_in(key, 3)}
+            "label": jax.random.fold_in(key, 3), "flip": jax.random.fold_in(key, 4)}
+
+
+def random_flip(x: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
+    """Each image of the batch x (B, H, W, C) mirrored left-right with probability 1/2,
+    independently, drawn from `key`: (B, H, W, C)."""
+    flipped = jax.random.bernoulli(key, 0.5, (x.shape[0],))
+    return jnp.where(flipped[:, None, None, None], x[:, :, ::-1, :], x)
 
 
 def diffusion_loss(params, apply_fn, schedule: Schedule, x0: jnp.ndarray, key: jax.Array, labels=None, *,
@@ -164,6 +176,8 @@ def diffusion_loss(params, apply_fn, schedule: Schedule, x0: jnp.ndarray, key: j
 def _train_step(state: TrainState, x0: jnp.ndarray, key: jax.Array, labels=None) -> tuple[TrainState, dict]:
     """One step; returns the new state and {'loss', 'grad_norm'} (the gradient's global norm, before clipping)."""
     step_key = jax.random.fold_in(key, state.step)
+    if state.random_flip:  # static: without flips the program is the one it always was
+        x0 = random_flip(x0, loss_keys(step_key)["flip"])
     loss, grads = jax.value_and_grad(diffusion_loss)(state.params, state.apply_fn, state.schedule, x0, step_key,
                                                      labels, num_classes=state.num_classes,
                                                      label_dropout=state.label_dropout, prediction=state.prediction,
@@ -267,9 +281,10 @@ def train_chunk(state: TrainState, images: jnp.ndarray, order: jnp.ndarray, firs
     images: (N, H, W, C) uint8, the whole training set; labels: (N,) int32, for
     a conditional model (else None); order: (N,) the epoch's permutation; the
     chunk trains on batches first_batch .. first_batch + num_steps - 1 of that
-    order. With scan=True (default on accelerators) the chunk is one compiled
-    `lax.scan`; otherwise a loop of jitted steps; the two agree to float
-    rounding. `batch_sharding` (see parallel.py) splits each batch over devices,
+    order. (Or images and labels hold just the chunk's batches, gathered on the
+    host in that order, with order = arange and first_batch = 0: the same batches.)
+    With scan=True (default on accelerators) the chunk is one compiled `lax.scan`;
+    otherwise a loop of jitted steps; the two agree to float rounding. `batch_sharding` (see parallel.py) splits each batch over devices,
     with state, images and order replicated. Returns the new state (the input
     state's buffers are donated) and the metrics {'loss', 'grad_norm'}, each (num_steps,).
     """

@@ -6,7 +6,9 @@ import os
 def cli_env(tmp_path_factory) -> dict:
     """This process's environment, with the CLIs' caches and temp files in pytest folders, on the CPU."""
     env = dict(os.environ)
-    env["DDPM_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))  # later runs reuse compiles
+    cache = tmp_path_factory.getbasetemp() / "xla-cache-shared"  # one for the session: later runs reuse compiles
+    cache.mkdir(exist_ok=True)
+    env["DDPM_JAX_COMPILE_CACHE"] = str(cache)
     env["JAX_PLATFORMS"] = "cpu"
     env["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
     env["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))  # tfds' mock_data leaves an empty temp folder per run

@@ -282,6 +282,7 @@ def test_help(env, script, flag):
     (["--config.train.batch_size=lots"], ["batch_size"]),
     (["--config=configs/missing.py"], ["configs/missing.py"]),
     (["--frobnicate"], ["frobnicate"]),
+    (["--config.data.placement=gpu"], ["data.placement", "auto, device, stream", "'gpu'"]),
 ])
 def test_config_mistakes(env, tmp_path, args, words):
     config = [] if any(a.startswith("--config=") for a in args) else TINY
@@ -398,3 +399,45 @@ def test_default_workdir_is_the_config_name_and_max_minutes_stops_in_time(env, t
     result = ok(subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600))
     assert "train.max_minutes" in result.stdout and "Stopped at step 0" in result.stdout
     assert params_of(tmp_path / "runs" / "tiny")[1]["checkpoint_step"] == 0
+
+
+def test_auto_placement_keeps_the_data_on_the_device_when_it_takes_a_quarter_at_most():
+    from ddpm_jax.run import choose_placement
+
+    class Device:
+        def __init__(self, platform, stats):
+            self.platform, self.stats = platform, stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gpu = Device("gpu", {"bytes_limit": 4000, "bytes_in_use": 0})
+    assert choose_placement("auto", 1000, gpu) == "device"
+    assert choose_placement("auto", 1001, gpu) == "stream"
+    assert choose_placement("device", 10**9, gpu) == "device"  # asked for: as asked
+    assert choose_placement("stream", 1, gpu) == "stream"
+    assert choose_placement("auto", 10**12, Device("cpu", None)) == "device"  # the host's memory either way
+    assert choose_placement("auto", 10**12, Device("tpu", None)) == "device"  # no figure: as before
+
+
+def test_streamed_chunks_hold_the_batches_of_the_data_on_the_device():
+    from ddpm_jax.parallel import make_mesh, replicated
+    from ddpm_jax.run import _ChunkData
+    from ddpm_jax.training import run_keys
+
+    images = np.arange(40 * 2 * 2, dtype=np.uint8).reshape(40, 2, 2, 1)  # image i is told by its pixels
+    labels = np.arange(40, dtype=np.int32)
+    where = dict(sharding=replicated(make_mesh()), data_key=run_keys(jax.random.key(0))["data"], batch_size=4,
+                 steps_per_epoch=10, chunk_steps=3)
+    device, stream = (_ChunkData(images, labels, placement, **where) for placement in ("device", "stream"))
+    for step, n in [(0, 3), (3, 3), (9, 1), (10, 3), (18, 2)]:  # chunks cut short by an epoch's end included
+        *on_device, first = device.chunk(step, n)
+        *streamed, first_streamed = stream.chunk(step, n)
+        assert first_streamed == 0 and streamed[0].shape == (12, 2, 2, 1)  # one shape for every length
+        for b in range(n):
+            rows = [np.asarray(o)[(f + b) * 4:(f + b + 1) * 4] for o, f in ((on_device[2], first),
+                                                                           (streamed[2], 0))]
+            for d, s in zip(on_device[:2], streamed[:2]):
+                np.testing.assert_array_equal(np.asarray(d)[rows[0]], np.asarray(s)[rows[1]])
+    stream.send_ahead(20, 3)  # sent ahead: the chunk then takes those arrays
+    assert stream.chunk(20, 3)[0] is stream._ahead[1][0]

@@ -574,7 +574,8 @@ def test_cli_usage_errors_are_one_line(env, tmp_path):
     user_error(evaluate(env, mock=False), "exactly one of")
     user_error(evaluate(env, samples, "--ckpt=x", mock=False), "exactly one of", "--samples and --ckpt")
     user_error(evaluate(env, samples, mock=False), "--dataset")
-    user_error(evaluate(env, samples, "--dataset=cifar10", mock=False), "unknown dataset", "cifar10")
+    unknown = user_error(evaluate(env, samples, "--dataset=no_such_dataset", mock=False), "no_such_dataset")
+    assert "--config" not in unknown and "folder" not in unknown  # evaluate.py's flags, and no folder datasets
     empty_cache = str(tmp_path / "empty")
     line = user_error(evaluate(env, samples, "--dataset=mnist", f"--cache_dir={empty_cache}", mock=False),
                       "no mnist classifier", empty_cache)
@@ -607,6 +608,7 @@ def test_ckpt_end_to_end(env, tiny_classifier, tmp_path):
     assert train.returncode == 0, train.stdout + train.stderr
     saved, out = tmp_path / "samples.npz", tmp_path / "report.json"
     user_error(evaluate(env, f"--ckpt={workdir}", "--steps=9", mock=False), "steps", "model's 8 steps")
+    user_error(evaluate(env, f"--ckpt={workdir}", "--dataset=cifar10", mock=False), "trained on fashion_mnist")
     report = json.loads(ok(evaluate(env, f"--ckpt={workdir}", "--num=6", "--batch=4", "--bpd_images=3", "--steps=0",
                                     f"--save_samples={saved}", f"--json={out}", "--kid_subsets=5",
                                     "--noprogress")).stdout)
@@ -627,6 +629,75 @@ def test_ckpt_end_to_end(env, tiny_classifier, tmp_path):
     expected = likelihood.bits_per_dim(trained.eps_fn, trained.params, trained.schedule, images[:3],
                                        key=evaluation.streams(0)[1], batch_size=4)
     assert bpd["mean"] == pytest.approx(expected.mean, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- other datasets: CIFAR-10
+
+
+def test_classifier_config_for_each_image_shape():
+    assert cl.classifier_config_for((28, 28, 1)) == cl.ClassifierConfig()  # MNIST, Fashion-MNIST: as cached
+    cifar = cl.classifier_config_for((32, 32, 3))
+    assert (cifar.channels, cifar.features, cifar.random_flip) == ((64, 128, 256), 256, True)  # 4x4 maps at the end
+    assert cl.classifier_config_for((64, 64, 3)).channels == (64, 128, 256, 256)
+    assert not cl.classifier_config_for((32, 32, 1)).random_flip  # grayscale may be text or digits
+
+
+def test_random_flips_mirror_about_half_the_images():
+    images = np.arange(64 * 4 * 5 * 3, dtype=np.int32).reshape(64, 4, 5, 3)
+    out = np.asarray(cl.random_flips(jnp.asarray(images), jax.random.key(0)))
+    mirrored = np.array([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)])
+    kept = np.array([np.array_equal(o, i) for o, i in zip(out, images)])
+    assert np.all(mirrored != kept) and 16 < mirrored.sum() < 48
+
+
+def test_cifar10_classifier_and_evaluation_on_mock_data(env, tmp_path, monkeypatch):
+    """CIFAR-10 from tfds' mock (random 32x32x3 images, labels 0..9): the classifier takes the
+    data's shape and 10 classes and flips its training images (2 steps); its features give the
+    metrics, in the library and through evaluate.py --samples."""
+    import tensorflow_datasets as tfds
+
+    tfds_dir, cache = str(tmp_path / "tfds"), str(tmp_path / "cache")  # nothing prepared: the mock serves
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        info = evaluation.train_and_store_classifier("cifar10", data_dir=tfds_dir, cache_dir=cache, channels=(4, 8),
+                                                     features=16, epochs=2)
+        test_images, _ = evaluation.load_split("cifar10", "test", tfds_dir)
+        model, params, _ = cl.load_classifier(info["classifier"])
+        features, logits = cl.classifier_outputs(model, params, test_images[:5])
+    assert info["dataset"] == "cifar10" and info["image_shape"] == [32, 32, 3] and info["num_classes"] == 10
+    assert info["channels"] == [4, 8] and info["features"] == 16 and info["random_flip"] and info["epochs"] == 2
+    assert test_images.shape == (MOCK_EXAMPLES, 32, 32, 3) and features.shape == (5, 16) and logits.shape == (5, 10)
+    assert np.all(np.isfinite(features))
+
+    path = tmp_path / "samples.npz"
+    np.savez(path, arr_0=test_images[:40])
+    report = json.loads(ok(evaluate(env, f"--samples={path}", "--dataset=cifar10", f"--cache_dir={cache}",
+                                    f"--data_dir={tfds_dir}", "--kid_subsets=5", "--kid_subset_size=20",
+                                    "--noprogress")).stdout)
+    assert report["dataset"] == "cifar10" and report["classifier"]["folder"] == info["classifier"]
+    assert report["samples"]["num"] == 40 and np.isfinite(report["samples"]["fid"])
+    assert len(report["samples"]["class_histogram"]) == 10
+    assert report["max_class_entropy_nats"] == pytest.approx(math.log(10))
+    # 28x28 images are not CIFAR-10's.
+    np.savez(path, arr_0=np.zeros((4, 28, 28, 1), np.uint8))
+    user_error(evaluate(env, f"--samples={path}", "--dataset=cifar10", f"--cache_dir={cache}", mock=False),
+               "(28, 28, 1)", "(32, 32, 3)")
+
+    # A checkpoint trained on CIFAR-10 resized to 16x16: refused before sampling, bits/dim alone suggested.
+    from ddpm_jax import generate
+    from ddpm_jax.config import base_config
+
+    config = base_config()
+    config.data.name, config.data.image_size = "cifar10", 16
+    resized = generate.Trained(config=config, model=None, params={}, schedule=None, image_shape=(16, 16, 3),
+                               weights="raw", meta={})
+    monkeypatch.setattr(generate, "load_trained", lambda *args, **kwargs: resized)
+    with pytest.raises(UserError, match=r"\(16, 16, 3\).*\(32, 32, 3\).*--num 0"):
+        evaluation.evaluate_checkpoint("run", num=4, bpd_images=0, cache_dir=cache, data_dir=tfds_dir)
+
+
+def test_evaluation_refuses_folder_data():
+    with pytest.raises(UserError, match="tfds dataset"):
+        evaluation.check_dataset("folder")
 
 
 # --------------------------------------------------------------------------- real data

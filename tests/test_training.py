@@ -9,8 +9,8 @@ from tiny_model import TinyEpsNet
 from ddpm_jax.data import to_model_range
 from ddpm_jax.errors import UserError
 from ddpm_jax.schedule import linear_beta_schedule
-from ddpm_jax.training import (create_optimizer, create_train_state, epoch_permutation, run_keys, train_chunk,
-                               train_step)
+from ddpm_jax.training import (create_optimizer, create_train_state, epoch_permutation, loss_keys, random_flip,
+                               run_keys, train_chunk, train_step)
 
 IMAGE_SHAPE = (8, 8, 1)
 BATCH = 8
@@ -220,8 +220,6 @@ def test_compile_train_chunk_compiles_what_train_chunk_then_runs(images):
 
 
 def test_a_steps_random_streams_are_pairwise_distinct():
-    from ddpm_jax.training import loss_keys
-
     key = jax.random.fold_in(run_keys(jax.random.key(0))["train"], 7)
     streams = loss_keys(key)
     # t and noise are split(key) as before (the article model's draws are unchanged) ...
@@ -261,3 +259,31 @@ def test_learning_rate_warm_up_cosine_decay_and_clipping():
     _, opt_state = tx.update({"w": jnp.full(4, 1e6)}, tx.init(params), params)
     first_moment = opt_state[1][0].mu["w"]
     np.testing.assert_allclose(np.linalg.norm(first_moment), 0.1 * 1.0, rtol=1e-5)  # (1 - b1) * clipped norm
+
+
+def test_random_flip_mirrors_some_images_left_right(images):
+    x = np.asarray(images[:BATCH])
+    out = np.asarray(random_flip(jnp.asarray(x), jax.random.key(0)))
+    flipped = [not np.array_equal(o, i) for o, i in zip(out, x)]  # no image here is left-right symmetric
+    assert 0 < sum(flipped) < BATCH
+    for o, i, f in zip(out, x, flipped):
+        np.testing.assert_array_equal(o, i[:, ::-1] if f else i)  # axis 2 of NHWC: W
+
+
+def test_a_step_with_flips_trains_on_its_keys_flipped_batch(images):
+    """The step draws its flips from its own key (step 0 here); with the chosen images flipped
+    by hand, the step without flips computes exactly the same."""
+    keys = run_keys(jax.random.key(6))
+    flips = create_train_state(MODEL, linear_beta_schedule(100, 1e-4, 0.02), TX, keys["init"], IMAGE_SHAPE,
+                               random_flip=True)
+    order = epoch_permutation(keys["data"], 0, images.shape[0])
+    batch = np.asarray(images)[np.asarray(order[:BATCH])]
+    by_hand = np.asarray(random_flip(jnp.asarray(batch), loss_keys(jax.random.fold_in(keys["train"], 0))["flip"]))
+    assert not np.array_equal(by_hand, batch)
+    flipped, flipped_loss = train_chunk(flips, images, order, 0, keys["train"], num_steps=1, batch_size=BATCH)
+    manual, manual_loss = train_chunk(fresh_state(6), jnp.asarray(by_hand), jnp.arange(BATCH), 0, keys["train"],
+                                      num_steps=1, batch_size=BATCH)
+    _, plain_loss = train_chunk(fresh_state(6), images, order, 0, keys["train"], num_steps=1, batch_size=BATCH)
+    np.testing.assert_array_equal(flipped_loss["loss"], manual_loss["loss"])
+    assert_trees_equal(flipped.params, manual.params)
+    assert float(flipped_loss["loss"][0]) != float(plain_loss["loss"][0])

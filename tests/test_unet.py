@@ -2,6 +2,7 @@ import importlib.util
 import pathlib
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -174,13 +175,179 @@ def test_create_model_builds_unet_from_base_config():
     assert _param_count(model) > 0
 
 
-@pytest.mark.parametrize("name", ["fashion_unet", "mnist_unet", "fashion_unet_cond"])
-def test_unet_configs_build(name):
+def _load_config(name):
+    """configs/<name>.py's get_config()."""
     spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["fashion_unet", "mnist_unet", "fashion_unet_cond"])
+def test_unet_configs_build(name):
+    config = _load_config(name)
     assert config.model.name == "unet" and config.train.ema_decay == 0.999
     model = create_model(config, (28, 28, 1))
     y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
     assert _param_count(model, y) == 989_217 + (11 * 64 if name.endswith("cond") else 0)
+
+
+# ------------------------------------------------ Ho et al.'s CIFAR-10 model (configs/cifar10.py)
+
+
+def _ho_reference_param_count(ch, ch_mult, num_res_blocks, attn_resolutions, size, in_ch):
+    """The parameter count of Ho et al.'s diffusion_tf/models/unet.py `model`, tallied layer by
+    layer from their code (temb dense0/dense1, conv_in, resnet_block with norm1, conv1, temb_proj,
+    norm2, conv2 and a nin_shortcut when the width changes, attn_block with norm, q, k, v,
+    proj_out, conv downsample and upsample, norm_out, conv_out), independently of our module."""
+    temb = 4 * ch
+
+    def conv3(c_in, c_out):
+        return 9 * c_in * c_out + c_out
+
+    def res(c_in, c_out):
+        shortcut = c_in * c_out + c_out if c_in != c_out else 0
+        return 2 * c_in + conv3(c_in, c_out) + temb * c_out + c_out + 2 * c_out + conv3(c_out, c_out) + shortcut
+
+    def attn(c):
+        return 2 * c + 4 * (c * c + c)
+
+    n = ch * temb + temb + temb * temb + temb + conv3(in_ch, ch)
+    widths, c, s = [ch], ch, size
+    for level, mult in enumerate(ch_mult):
+        for _ in range(num_res_blocks):
+            n, c = n + res(c, ch * mult), ch * mult
+            n += attn(c) if s in attn_resolutions else 0
+            widths.append(c)
+        if level != len(ch_mult) - 1:
+            n, s = n + conv3(c, c), s // 2
+            widths.append(c)
+    n += 2 * res(c, c) + attn(c)
+    for level, mult in reversed(list(enumerate(ch_mult))):
+        for _ in range(num_res_blocks + 1):
+            n, c = n + res(c + widths.pop(), ch * mult), ch * mult
+            n += attn(c) if s in attn_resolutions else 0
+        if level != 0:
+            n, s = n + conv3(c, c), s * 2
+    return n + 2 * c + conv3(c, in_ch)
+
+
+def test_cifar10_config_is_ho_et_als_model_and_recipe():
+    config = _load_config("cifar10")
+    m = config.model
+    assert (config.data.name, config.data.random_flip) == ("cifar10", True)
+    assert (m.name, m.channels, tuple(m.channel_mults), m.num_res_blocks, tuple(m.attention_resolutions)) == (
+        "unet", 128, (1, 2, 2, 2), 2, (16,))
+    assert (m.dropout, m.num_groups, m.downsample_padding, m.dtype, m.num_classes) == (0.1, 32, "same", "float32", 0)
+    assert (config.optim.learning_rate, config.optim.warmup_steps, config.optim.grad_clip_norm) == (2e-4, 5000, 1.0)
+    assert (config.train.batch_size, config.train.ema_decay, config.train.max_steps) == (128, 0.9999, 800_000)
+    assert config.train.num_epochs * (50_000 // 128) >= 800_000  # max_steps, not the epochs, ends the run
+    d = config.diffusion
+    assert (d.schedule, d.n_steps, d.beta_min, d.beta_max, d.prediction, d.loss_weighting) == (
+        "linear", 1000, 1e-4, 0.02, "eps", "none")
+    assert (config.sample.sampler, config.sample.steps, config.sample.sigma) == ("ddpm", 0, "beta")
+    model = create_model(config, (32, 32, 3))
+    x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)  # traces the 35.7M net, allocates nothing
+    count = sum(p.size for p in jax.tree.leaves(shapes))
+    # The paper's "35.7M", exactly the count of their code's variables.
+    assert count == _ho_reference_param_count(128, (1, 2, 2, 2), 2, (16,), 32, 3) == 35_746_307
+    # The same tally reproduces the 28x28 configs' count: the two U-Nets match layer for layer.
+    assert _ho_reference_param_count(16, (1, 2, 4), 2, (7,), 28, 1) == 989_217
+
+
+def test_downsample_padding_same_is_tfs_and_keeps_the_parameters(uncond):
+    # TF's SAME pads a stride-2 3x3 conv of an even size by (0, 1); 'symmetric' by (1, 1).
+    assert jax.lax.padtype_to_pads((16, 16), (3, 3), (2, 2), "SAME") == [(0, 1), (0, 1)]
+    _, params, x, t, apply, _ = uncond
+    same = UNet(dropout=0.1, image_size=28, downsample_padding="same", **SMALL)
+    same_shapes = jax.eval_shape(same.init, jax.random.key(0), x, t)["params"]
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, same_shapes)
+    a = apply({"params": params}, x, t)
+    b = jax.jit(same.apply)({"params": params}, x, t)
+    assert not np.allclose(a, b, atol=1e-3)
+    with pytest.raises(UserError, match="downsample_padding"):
+        UNet(image_size=28, downsample_padding="valid", **SMALL)
+
+
+# ------------------------------------------------ bfloat16 computation
+
+
+def _bf16_config(**model):
+    config = base_config()
+    config.model.update({"name": "unet", "dtype": "bfloat16", **model})
+    return config
+
+
+def test_bfloat16_output_agrees_with_float32(uncond):
+    """Same float32 parameters, bfloat16 computation: float32 output within 2e-2 relative L2 error.
+    bfloat16 keeps 8 significant bits, so each rounding errs by up to 2^-9 = 0.2 % (rounding the
+    input alone costs 0.16 % in L2); the roundings of activations and weights through ~20 layers
+    add up to 1.3 % on this model with random weights (measured), 2e-2 leaves half as much again.
+    An error far above 1e-3 says the computation did run in bfloat16."""
+    _, params, x, t, apply, _ = uncond
+    bf16 = create_model(_bf16_config(dropout=0.1, **SMALL), (28, 28, 1))
+    assert bf16.dtype == jnp.bfloat16
+    reference = np.asarray(apply({"params": params}, x, t))
+    out = jax.jit(bf16.apply)({"params": params}, x, t)
+    assert out.dtype == jnp.float32
+    error = np.linalg.norm(np.asarray(out) - reference) / np.linalg.norm(reference)
+    assert 1e-3 < error < 2e-2, error
+    shapes = jax.eval_shape(bf16.init, jax.random.key(0), x, t)
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype("float32")}
+
+
+def test_bfloat16_convs_and_matmuls_with_float32_norm_statistics_and_softmax(uncond):
+    """Which dtype each operation of the bfloat16 model runs in, read off its jaxpr."""
+    _, params, x, t, _, _ = uncond
+    bf16 = create_model(_bf16_config(dropout=0.1, **SMALL), (28, 28, 1))
+    dtypes = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            dtypes.setdefault(eqn.primitive.name, set()).update(str(v.aval.dtype) for v in eqn.outvars)
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            walk(sub)
+
+    walk(jax.make_jaxpr(bf16.apply)({"params": params}, x, t).jaxpr)
+    assert dtypes["conv_general_dilated"] == dtypes["dot_general"] == {"bfloat16"}  # attention's two included
+    assert dtypes["exp"] == {"float32"}  # the softmax (SiLU is 'logistic')
+    assert dtypes["rsqrt"] == {"float32"}  # GroupNorm's 1 / sqrt(var + eps)
+
+
+def test_model_dtype_errors_are_one_line():
+    with pytest.raises(UserError, match="float32, bfloat16") as info:
+        create_model(_bf16_config(dtype="float16"), (28, 28, 1))
+    assert "\n" not in str(info.value) and "'float16'" in str(info.value)
+    config = base_config()
+    config.model.dtype = "bfloat16"
+    for name in ("article_unet", "article_unet_fixed"):
+        config.model.name = name
+        with pytest.raises(UserError, match="only by --config.model.name=unet"):
+            create_model(config, (28, 28, 1))
+
+
+def test_one_training_step_at_32x32x3_in_bfloat16_keeps_float32_state():
+    """configs/cifar10.py shrunk to a tiny net (one level, no attention: compiling is most of the
+    cost), in bfloat16: one train_step gives a finite loss and new parameters, and parameters,
+    their EMA and Adam's moments stay float32."""
+    from ddpm_jax.schedule import make_schedule
+    from ddpm_jax.training import create_optimizer, create_train_state, train_step
+
+    config = _load_config("cifar10")
+    config.model.update(channels=4, channel_mults=(1,), num_res_blocks=1, attention_resolutions=(), num_groups=2,
+                        dtype="bfloat16")
+    config.optim.warmup_steps = 0  # the recipe's warm-up makes step 0's learning rate 0
+    model = create_model(config, (32, 32, 3))
+    # rbg keys: XLA:CPU compiles threefry's bits for a hundred parameters in tens of seconds, these in a few.
+    state = create_train_state(model, make_schedule(config.diffusion), create_optimizer(config.optim),
+                               jax.random.key(0, impl="rbg"), (32, 32, 3), ema_decay=config.train.ema_decay)
+    x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
+    new, loss = train_step(state, x0, jax.random.key(2, impl="rbg"))
+    assert np.isfinite(float(loss)) and loss.dtype == jnp.float32
+    changed = [bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params))]
+    assert any(changed)
+    # The zero-initialised output conv learns first: nothing upstream gets a gradient through its zero kernel yet.
+    assert np.any(np.asarray(new.params["conv_out"]["kernel"]) != 0)
+    floats = jax.tree.leaves((new.params, new.ema_params, new.opt_state))
+    assert {leaf.dtype for leaf in floats if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype("float32")}

@@ -6,6 +6,17 @@ each with num_res_blocks residual blocks [GroupNorm -> SiLU -> Conv3x3 -> + Dens
 attention_resolutions, stride-2 conv down, nearest-neighbour + conv up, a
 res / attn / res middle and skip connections after every block (as in Ho et al.).
 Optional class conditioning: a learnt label embedding added to the time embedding.
+
+Layer for layer Ho et al.'s `diffusion_tf/models/unet.py` (their CIFAR-10 model, channels 128,
+mults (1, 2, 2, 2), attention at 16, is configs/cifar10.py: 35,746,307 parameters, their 35.7M),
+but for two things that change no parameter: flax's default initialisers (theirs are
+Glorot-uniform; the zero-initialised layers are the same) and, unless downsample_padding='same'
+(TF's SAME, as theirs), stride-2 convs padded by one pixel on every side, whose windows sit one
+pixel up and left of theirs.
+
+dtype=jnp.bfloat16 computes activations, convolutions and matmuls in bfloat16, with float32
+parameters, GroupNorm statistics and attention softmax, and returns float32.
+
 With patch_size p > 1 the U-Net runs on (H/p, W/p, p*p*C) patches (space-to-depth in,
 depth-to-space out): fewer, wider feature maps, which CPUs and GEMM units run far faster
 than many narrow ones (see the README's "Fast configs").
@@ -14,12 +25,15 @@ than many narrow ones (see the README's "Fast configs").
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import einops
 import jax.numpy as jnp
 import flax.linen as nn
 
 from ddpm_jax.errors import UserError
+
+DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
 
 def sinusoidal_embedding(t, dim: int):
@@ -42,17 +56,27 @@ class ResBlock(nn.Module):
     features: int
     num_groups: int
     dropout: float
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
-        h = nn.Conv(self.features, (3, 3))(nn.silu(nn.GroupNorm(self.num_groups)(x)))
-        h = h + nn.Dense(self.features)(nn.silu(emb))[:, None, None, :]  # per-channel time/label shift
-        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(nn.GroupNorm(self.num_groups)(h)))
+        dt = self.dtype
+        h = nn.Conv(self.features, (3, 3), dtype=dt)(nn.silu(nn.GroupNorm(self.num_groups, dtype=dt)(x)))
+        h = h + nn.Dense(self.features, dtype=dt)(nn.silu(emb))[:, None, None, :]  # per-channel time/label shift
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(nn.GroupNorm(self.num_groups, dtype=dt)(h)))
         # Zero init: each block starts as the identity, which keeps deep stacks stable early on.
-        h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros, dtype=dt)(h)
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), name="skip")(x)
+            x = nn.Conv(self.features, (1, 1), name="skip", dtype=dt)(x)
         return x + h
+
+
+def attention(query, key, value):
+    """softmax(q k^T / sqrt(d)) v for q, k, v (B, L, heads, d) -> (B, L, heads, d). The softmax runs in
+    float32 whatever their dtype (bfloat16's 8-bit mantissa would blur the weights); both matmuls in
+    theirs (flax's own keeps the second in float32 after a float32 softmax)."""
+    weights = nn.dot_product_attention_weights(query, key, force_fp32_for_softmax=True)
+    return jnp.einsum("...hqk,...khd->...qhd", weights.astype(value.dtype), value)
 
 
 class AttnBlock(nn.Module):
@@ -60,17 +84,19 @@ class AttnBlock(nn.Module):
 
     num_groups: int
     num_heads: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         b, hgt, wid, c = x.shape
-        h = nn.GroupNorm(self.num_groups)(x).reshape(b, hgt * wid, c)
-        h = nn.MultiHeadDotProductAttention(self.num_heads, out_kernel_init=nn.initializers.zeros)(h)
+        h = nn.GroupNorm(self.num_groups, dtype=self.dtype)(x).reshape(b, hgt * wid, c)
+        h = nn.MultiHeadDotProductAttention(self.num_heads, out_kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                                            attention_fn=attention)(h)
         return x + h.reshape(x.shape)
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t[, y]). x: (B, H, W, C) float32; t: (B,) int; y: (B,) int or None -> (B, H, W, C).
+    """eps_theta(x_t, t[, y]). x: (B, H, W, C) float32; t: (B,) int; y: (B,) int or None -> (B, H, W, C) float32.
 
     With num_classes > 0, y in [-1, num_classes]; label num_classes, -1 or y=None means
     'no label', the unconditional branch used by classifier-free guidance.
@@ -87,6 +113,8 @@ class UNet(nn.Module):
     image_size: int = 0
     num_heads: int = 1
     patch_size: int = 1
+    downsample_padding: str = "symmetric"  # stride-2 convs: 'symmetric' (1 px each side) or 'same' (TF's, Ho et al.'s)
+    dtype: Any = jnp.float32  # computation dtype (float32 or bfloat16); parameters are float32 either way
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +123,9 @@ class UNet(nn.Module):
 
     def _check_config(self, height: int, width: int):
         """Raise a one-line UserError for a config that cannot build on (height, width) images."""
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise UserError(f"--config.model.downsample_padding must be one of {', '.join(DOWNSAMPLE_PADDINGS)}, "
+                            f"got {self.downsample_padding!r}")
         p = self.patch_size
         if p < 1 or height % p or width % p:
             raise UserError(f"--config.model.patch_size ({p}) must be >= 1 and divide the image size "
@@ -122,48 +153,50 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x, t, y=None, train: bool = False):
         self._check_config(x.shape[1], x.shape[2])
-        gn, drop = self.num_groups, self.dropout
-        emb = sinusoidal_embedding(t, self.channels)  # (B, channels)
-        emb = nn.Dense(4 * self.channels)(nn.silu(nn.Dense(4 * self.channels)(emb)))  # (B, E), E = 4 channels
+        gn, drop, dt = self.num_groups, self.dropout, self.dtype
+        emb = sinusoidal_embedding(t, self.channels)  # (B, channels), float32
+        emb = nn.Dense(4 * self.channels, dtype=dt)(nn.silu(nn.Dense(4 * self.channels, dtype=dt)(emb)))  # (B, 4 ch)
         if self.num_classes:
             # 'No label' is num_classes; a negative label means it too (the guided sampler's convention).
             y = jnp.full(t.shape, self.num_classes, jnp.int32) if y is None else jnp.where(y < 0, self.num_classes, y)
-            emb = emb + nn.Embed(self.num_classes + 1, emb.shape[-1], name="label_emb")(y)
+            emb = emb + nn.Embed(self.num_classes + 1, emb.shape[-1], name="label_emb", dtype=dt)(y)
         elif y is not None:
             raise UserError("this U-Net is unconditional (--config.model.num_classes=0): it takes no labels")
 
         p, image = self.patch_size, x
         if p > 1:
             x = einops.rearrange(x, "b (h p) (w q) c -> b h w (p q c)", p=p, q=p)
-        h = nn.Conv(self.channels, (3, 3), name="conv_in")(x)  # (B, H/p, W/p, channels)
+        h = nn.Conv(self.channels, (3, 3), name="conv_in", dtype=dt)(x)  # (B, H/p, W/p, channels)
         skips = [h]
+        # TF's SAME pads a stride-2 3x3 conv of an even size by 0 before and 1 after.
+        down_pad = ((1, 1), (1, 1)) if self.downsample_padding == "symmetric" else "SAME"
         for level, mult in enumerate(self.channel_mults):
             for _ in range(self.num_res_blocks):
-                h = ResBlock(self.channels * mult, gn, drop)(h, emb, train)
+                h = ResBlock(self.channels * mult, gn, drop, dt)(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
-                    h = AttnBlock(gn, self.num_heads)(h)
+                    h = AttnBlock(gn, self.num_heads, dt)(h)
                 skips.append(h)
             if level < len(self.channel_mults) - 1:  # halve H and W (checked even above)
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))(h)
+                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=down_pad, dtype=dt)(h)
                 skips.append(h)
 
-        h = ResBlock(h.shape[-1], gn, drop)(h, emb, train)  # middle: res, attn, res
-        h = AttnBlock(gn, self.num_heads)(h)
-        h = ResBlock(h.shape[-1], gn, drop)(h, emb, train)
+        h = ResBlock(h.shape[-1], gn, drop, dt)(h, emb, train)  # middle: res, attn, res
+        h = AttnBlock(gn, self.num_heads, dt)(h)
+        h = ResBlock(h.shape[-1], gn, drop, dt)(h, emb, train)
 
         for level, mult in reversed(list(enumerate(self.channel_mults))):
             # One more block than on the way down: it takes the skip saved by the downsampling conv.
             for _ in range(self.num_res_blocks + 1):
-                h = ResBlock(self.channels * mult, gn, drop)(jnp.concatenate([h, skips.pop()], -1), emb, train)
+                h = ResBlock(self.channels * mult, gn, drop, dt)(jnp.concatenate([h, skips.pop()], -1), emb, train)
                 if h.shape[1] in self.attention_resolutions:
-                    h = AttnBlock(gn, self.num_heads)(h)
+                    h = AttnBlock(gn, self.num_heads, dt)(h)
             if level > 0:  # nearest-neighbour x2, then a conv to smooth the blockiness
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-                h = nn.Conv(h.shape[-1], (3, 3))(h)
+                h = nn.Conv(h.shape[-1], (3, 3), dtype=dt)(h)
 
-        h = nn.silu(nn.GroupNorm(gn)(h))
+        h = nn.silu(nn.GroupNorm(gn, dtype=dt)(h))
         # Zero init: the untrained model predicts eps = 0, a sane start for the loss.
-        out = nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
+        out = nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="conv_out", dtype=dt)(h)
         if p > 1:
             out = einops.rearrange(out, "b h w (p q c) -> b (h p) (w q) c", p=p, q=p, c=image.shape[-1])
-        return out
+        return out.astype(jnp.float32)  # the loss and the samplers work in float32
