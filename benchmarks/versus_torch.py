@@ -36,7 +36,10 @@ def images_per_s(cmd: list[str]) -> float:
     """Runs a benchmark command and returns the images/s it reports."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.json")
-        subprocess.run([*cmd, "--json", path], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([*cmd, "--json", path], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+        if done.returncode:
+            sys.exit(f"error: {' '.join(cmd[1:])} failed: {done.stderr.strip().splitlines()[-1:]}")
         with open(path) as f:
             return float(json.load(f)["images_per_s"])
 
