@@ -30,7 +30,7 @@ from ddpm_jax.batching import batched
 from ddpm_jax.data import to_model_range
 from ddpm_jax.errors import UserError
 from ddpm_jax.metrics import check_images
-from ddpm_jax.training import epoch_permutation
+from ddpm_jax.training import epoch_permutation, random_flip
 
 ARCHITECTURE = "cnn"
 ARCH_VERSION = 2  # bump when Classifier changes in a way that old checkpoints cannot load into
@@ -75,12 +75,6 @@ def classifier_config_for(image_shape: tuple[int, int, int]) -> ClassifierConfig
     stages = max(1, min(height, width).bit_length() - 3)
     return ClassifierConfig(channels=tuple(min(64 << i, 256) for i in range(stages)), features=256, epochs=10,
                             random_flip=channels == 3)
-
-
-def random_flips(images, key: jax.Array):
-    """images (B, H, W, C), each mirrored left-right with probability 1/2 (drawn from key)."""
-    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
-    return jnp.where(flip, images[:, :, ::-1], images)
 
 
 class Classifier(nn.Module):
@@ -156,7 +150,7 @@ def train_classifier(images_u8, labels, config: ClassifierConfig = ClassifierCon
         picked = jax.lax.dynamic_slice_in_dim(order, index * batch, batch)
         batch_images = images[picked]
         if config.random_flip:
-            batch_images = random_flips(batch_images, jax.random.fold_in(flip_key, step_number))
+            batch_images = random_flip(batch_images, jax.random.fold_in(flip_key, step_number))
         loss, grads = jax.value_and_grad(lambda p: classifier_loss(
             model, p, batch_images, labels[picked], jax.random.fold_in(dropout_key, step_number)))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
