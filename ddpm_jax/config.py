@@ -140,10 +140,12 @@ def unet_config(dataset: str, num_classes: int = 0) -> ml_collections.ConfigDict
 
 def fast_config(dataset: str) -> ml_collections.ConfigDict:
     """Quality per CPU minute (configs/*_fast.py): a U-Net on 2x2 patches (14x14x4 in, widths
-    32 at 14x14 and 64 at 7x7, one residual block per level, attention at 7x7), v-prediction
-    with min-SNR-5 weighting, Adam 2e-3 with warm-up, cosine decay over 20 epochs and gradient
-    clipping, EMA 0.999, stopped after 55 minutes at most (compile included); sampled with DPM-Solver++(2M) in 20 evaluations."""
-    config = unet_config(dataset)
+    32 at 14x14 and 64 at 7x7, one residual block per level, attention at 7x7) conditioned on
+    the dataset's 10 classes, v-prediction with min-SNR-5 weighting, Adam 2e-3 with warm-up,
+    cosine decay over 20 epochs and gradient clipping, EMA 0.999, stopped after 55 minutes at
+    most (compile included); sampled with DPM-Solver++(2M) in 15 evaluations, one row per class."""
+    # The labels cost nothing and halve FID at this budget (README: Results).
+    config = unet_config(dataset, num_classes=10)
     config.model.channels = 32
     config.model.channel_mults = (1, 2)
     config.model.num_res_blocks = 1
@@ -156,12 +158,13 @@ def fast_config(dataset: str) -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 200
     config.optim.grad_clip_norm = 1.0
     # The learning rate decays (cosine, to 0) over 20 epochs, which a 2-vCPU CPU like ours runs
-    # in about 48 minutes; max_minutes stops a slower machine where the rate is already low.
+    # in about 48 minutes on a quick day; max_minutes stops a slower one before the rate reaches
+    # 0 (on 2026-12-01, at 13 epochs and 29 % of the peak: still FID 7.8, README: Results).
     config.optim.decay = "cosine"
     config.train.num_epochs = 20
     config.train.max_minutes = 55.0
     config.sample.sampler = "dpmpp_2m"
-    config.sample.steps = 20
+    config.sample.steps = 15
     # Measured on fashion_fast (n = 1000): FID 15.8 with steps even in t, 25.7 even in log-SNR.
     config.sample.spacing = "linear"
     return config

@@ -192,6 +192,17 @@ def test_unet_configs_build(name):
     assert _param_count(model, y) == 989_217 + (11 * 64 if name.endswith("cond") else 0)
 
 
+@pytest.mark.parametrize("name", ["fashion_fast", "mnist_fast"])
+def test_fast_configs_sample_in_at_most_25_evaluations_and_stop_within_the_hour(name):
+    """Issue 12's budget: the default sampler uses at most 25 network evaluations (guidance
+    evaluates the network twice a step) and training stops itself before 60 minutes."""
+    config = _load_config(name)
+    evaluations = config.sample.steps * (2 if config.model.num_classes and config.sample.guidance else 1)
+    assert config.sample.sampler == "dpmpp_2m" and 0 < evaluations <= 25
+    assert 0 < config.train.max_minutes <= 60
+    assert config.data.name == {"fashion_fast": "fashion_mnist", "mnist_fast": "mnist"}[name]
+
+
 # ------------------------------------------------ Ho et al.'s CIFAR-10 model (configs/cifar10.py)
 
 
