@@ -426,7 +426,8 @@ def _prepare(builder, manual_dir: str) -> None:
     """tfds' download_and_prepare (array_record), from the archives in ``manual_dir`` or downloaded.
 
     tfds keeps its downloads and extracted archives in ``<data_dir>/downloads`` (reused by a
-    later attempt; ~55 MB for MNIST or Fashion-MNIST, safe to delete once prepared).
+    later attempt; ~55 MB for MNIST or Fashion-MNIST, safe to delete once prepared), the
+    extracted ones in ``downloads/extracted/<name>``.
     """
     import tensorflow_datasets as tfds
 
@@ -438,7 +439,12 @@ def _prepare(builder, manual_dir: str) -> None:
                         "--config.data.manual_dir=DIR with the folder holding them")
     else:
         _check_reachable(builder)
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
+    # tfds extracts an archive from manual_dir to downloads/extracted/GZIP.<file name> and reuses what
+    # it finds there; MNIST's and Fashion-MNIST's archives share their names, so each dataset
+    # extracts into a folder of its own (or the second one prepared is the first one's images).
+    extract_dir = os.path.join(builder.data_dir_root, "downloads", "extracted", builder.name)
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False,
+                                          extract_dir=extract_dir)
     try:
         builder.download_and_prepare(download_config=config, file_format="array_record")
     except tfds.core.download.download_manager.NonMatchingChecksumError as e:

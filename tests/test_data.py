@@ -494,11 +494,11 @@ def _prepare_fashion(source, tmp):
     print(f"\nfashion_mnist: prepare+load train {prepare_and_load_s:.1f} s, load test {load_test_s:.1f} s")
     with pytest.raises(UserError, match="cannot read split 'valid' of fashion_mnist: Unknown split 'valid'"):
         data.load_split("fashion_mnist", "valid", data_dir=str(data_dir))
-    return images, labels, test_images, test_labels
+    return images, labels, test_images, test_labels, data_dir
 
 
 def test_real_fashion_mnist(fashion_train):
-    images, labels, test_images, test_labels = fashion_train
+    images, labels, test_images, test_labels, _ = fashion_train
     assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
     assert labels.shape == (60000,) and labels.dtype == np.int32
     assert abs(images.mean() / 255 - 0.2860) < 0.001
@@ -508,3 +508,14 @@ def test_real_fashion_mnist(fashion_train):
     assert test_images.shape == (10000, 28, 28, 1) and test_images.dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(test_labels, minlength=10), [1000] * 10)
     assert abs(test_images.mean() / 255 - 0.2868) < 0.001
+
+
+def test_real_mnist_prepared_beside_fashion_mnist_is_mnist(fashion_train):
+    """MNIST's archives have Fashion-MNIST's file names; prepared from manual_dir into the same
+    data_dir after Fashion-MNIST, they must not be served Fashion-MNIST's extracted files."""
+    source = os.path.join(os.path.expanduser(REAL_DATA), "mnist")
+    if not os.path.isdir(source):
+        pytest.skip("DDPM_JAX_DATA_DIR holds no mnist/ folder")
+    images, labels = data.load_split("mnist", data_dir=str(fashion_train[4]), manual_dir=source)
+    assert images.shape == (60000, 28, 28, 1) and abs(images.mean() / 255 - 0.1307) < 0.001
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10)[:3], [5923, 6742, 5958])
