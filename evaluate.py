@@ -82,8 +82,6 @@ def main():
     data = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir, cache_dir=FLAGS.cache_dir,
                 progress=FLAGS.progress)
     metrics = dict(kid_subsets=FLAGS.kid_subsets, kid_subset_size=FLAGS.kid_subset_size)
-    if FLAGS.dataset:
-        evaluation.check_dataset(FLAGS.dataset, FLAGS.data_dir)
     if FLAGS.train_classifier:
         if not FLAGS.dataset:
             cli.fail("--train_classifier needs --dataset (e.g. fashion_mnist, mnist or cifar10)")

@@ -15,6 +15,7 @@ sample index, so the resumed samples are the uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -55,59 +56,33 @@ def save_json(path: str, result: dict) -> None:
     atomic_write(path, write)
 
 
-def _in_flag_names(error: UserError) -> UserError:
-    """A data error, its config fields renamed to evaluate.py's flags (which take no folder of images)."""
-    message = re.sub(r" or 'folder' with --config\.data\.path=\S+", "", str(error))
-    for field, flag in (("--config.data.manual_dir", "--manual_dir"), ("--config.data.data_dir", "--data_dir"),
-                        ("--config.data.name", "--dataset")):
-        message = message.replace(field, flag)
-    return UserError(message)
-
-
-def class_names(dataset: str, data_dir: str = "") -> list[str]:
-    """data.class_names of a tfds dataset, its messages naming evaluate.py's flags."""
-    from ddpm_jax import data
-
+@contextlib.contextmanager
+def flag_names():
+    """Re-raises a data UserError with evaluate.py's flags in place of the config fields it names
+    (evaluate.py takes no folder of images)."""
     try:
-        return data.class_names(dataset, data_dir=data_dir)
+        yield
     except UserError as e:
-        raise _in_flag_names(e) from None
+        message = re.sub(r" or 'folder' with --config\.data\.path=\S+", "", str(e))
+        for field, flag in (("--config.data.manual_dir", "--manual_dir"), ("--config.data.data_dir", "--data_dir"),
+                            ("--config.data.name", "--dataset")):
+            message = message.replace(field, flag)
+        raise UserError(message) from None
 
 
 def check_dataset(name: str, data_dir: str = "") -> str:
     """name, if it is a tfds image dataset with class labels (fashion_mnist, mnist, cifar10, ...):
     the classifier behind FID, KID and class entropy learns them. A one-line UserError otherwise."""
+    from ddpm_jax import data
+
     if name == "folder":
         raise UserError("evaluate.py measures against a labelled tfds dataset (its classifier learns the labels); "
                         "a folder of images has no cached classifier: give --dataset the name of a tfds dataset")
-    if not class_names(name, data_dir):
-        raise UserError(f"{name} has no class labels, which evaluate.py's classifier (FID, KID, class entropy) "
-                        "learns: use a labelled tfds dataset")
+    with flag_names():
+        if not data.class_names(name, data_dir=data_dir):
+            raise UserError(f"{name} has no class labels, which evaluate.py's classifier (FID, KID, class entropy) "
+                            "learns: use a labelled tfds dataset")
     return name
-
-
-def load_split(dataset: str, split: str, data_dir: str = "", manual_dir: str = ""):
-    """data.load_split (the images as stored), its messages naming evaluate.py's flags."""
-    from ddpm_jax import data
-
-    try:
-        return data.load_split(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
-    except UserError as e:
-        raise _in_flag_names(e) from None
-
-
-def load_checkpoint_split(data_config, split: str, data_dir: str = "", manual_dir: str = ""):
-    """data.load_config_split of a checkpoint's config.data (resized or converted as it trained),
-    with --data_dir / --manual_dir, when given, in place of the config's folders."""
-    from ddpm_jax import data
-
-    data_config = data_config.copy_and_resolve_references()
-    data_config.data_dir = data_dir or data_config.data_dir
-    data_config.manual_dir = manual_dir or data_config.manual_dir
-    try:
-        return data.load_config_split(data_config, split)
-    except UserError as e:
-        raise _in_flag_names(e) from None
 
 
 def stored_classifier(dataset: str, cache_dir: str = "") -> tuple[str, dict]:
@@ -132,18 +107,20 @@ def train_and_store_classifier(dataset: str, *, data_dir: str = "", manual_dir: 
     the ClassifierConfig fields in `config` (None = that default), on as many classes as it has,
     measures its test accuracy and stores it in the cache. Returns its classifier.json + folder."""
     from ddpm_jax import classifier as cl
+    from ddpm_jax import data
 
     folder = cl.classifier_dir(check_dataset(dataset, data_dir), cache_dir)
     if os.path.exists(folder) and not overwrite:
         raise UserError(f"a {dataset} classifier exists in {folder}; pass --overwrite to retrain it")
-    images, labels = load_split(dataset, "train", data_dir, manual_dir)
-    test_images, test_labels = load_split(dataset, "test", data_dir, manual_dir)
+    with flag_names():
+        images, labels = data.load_split(dataset, "train", data_dir=data_dir, manual_dir=manual_dir)
+        test_images, test_labels = data.load_split(dataset, "test", data_dir=data_dir, manual_dir=manual_dir)
     config = dataclasses.replace(cl.classifier_config_for(images.shape[1:]),
                                  **{k: v for k, v in config.items() if v is not None})
     note(f"Training the {dataset} classifier ({config.epochs} epochs on {config.train_images or len(images)} images)")
     start = time.monotonic()
     # After loading: some datasets (cifar10) read their class names from the prepared files.
-    num_classes = len(class_names(dataset, data_dir))
+    num_classes = len(data.class_names(dataset, data_dir=data_dir))
     model, params, losses = cl.train_classifier(images, labels, config, num_classes=num_classes,
                                                 progress=progress)
     seconds = time.monotonic() - start
@@ -163,6 +140,7 @@ def evaluate_images(samples, dataset: str, *, data_dir: str = "", manual_dir: st
     random subset: what an ideal generator scores), both against the test split. labels: the
     classes a conditional model was asked for, (N,), or None; what: the samples' name in messages."""
     from ddpm_jax import classifier as cl
+    from ddpm_jax import data
     from ddpm_jax.metrics import compare_features, noise_like_share
 
     folder, info = stored_classifier(dataset, cache_dir)
@@ -170,15 +148,16 @@ def evaluate_images(samples, dataset: str, *, data_dir: str = "", manual_dir: st
         raise UserError(f"{what}: images of shape {samples.shape[1:]}, but {dataset} images are "
                         f"{tuple(info['image_shape'])}")
     model, params, info = cl.load_classifier(folder)
-    train_images, _ = load_split(dataset, "train", data_dir, manual_dir)
-    if test_images is None:
-        test_images, _ = load_split(dataset, "test", data_dir, manual_dir)
+    with flag_names():
+        train_images, _ = data.load_split(dataset, "train", data_dir=data_dir, manual_dir=manual_dir)
+        if test_images is None:
+            test_images, _ = data.load_split(dataset, "test", data_dir=data_dir, manual_dir=manual_dir)
     n_ref = min(len(samples), len(train_images))
     real = train_images[np.sort(np.random.default_rng(0).choice(len(train_images), n_ref, replace=False))]
     test_features, _ = cl.classifier_outputs(model, params, test_images, progress=progress)
     sample_features, sample_logits = cl.classifier_outputs(model, params, samples, progress=progress)
     real_features, real_logits = cl.classifier_outputs(model, params, real, progress=progress)
-    names = class_names(dataset, data_dir)
+    names = data.class_names(dataset, data_dir=data_dir)
     common = dict(class_names=names, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     sample_report = compare_features(sample_features, sample_logits, test_features, **common)
     # Noise-like: total variation above the test split's 99.5th percentile (saturated salt and pepper).
@@ -282,6 +261,7 @@ def evaluate_checkpoint(ckpt: str, *, which: str = "best", weights: str = "auto"
     its first bpd_images test images. overrides: SampleOptions fields (sampler, steps, sigma, eta,
     clip_x0, guidance, spacing; None = the checkpoint config's). save_samples: also write the
     samples there (.npz, arr_0). resume_file: see draw_samples; removed once the evaluation is done."""
+    from ddpm_jax.data import load_config_split
     from ddpm_jax.generate import load_trained, sample_options
     from ddpm_jax.parallel import make_mesh
 
@@ -313,7 +293,10 @@ def evaluate_checkpoint(ckpt: str, *, which: str = "best", weights: str = "auto"
                          "labels": "balanced" if class_labels is not None else "none", **dataclasses.asdict(options)},
               "dataset": dataset}
     # As the model saw them (resized, converted); with num > 0 that is as stored (checked above).
-    test_images = load_checkpoint_split(config.data, "test", data_dir, manual_dir)[0]
+    data_config = config.data.copy_and_resolve_references()
+    data_config.data_dir, data_config.manual_dir = data_dir, manual_dir
+    with flag_names():
+        test_images = load_config_split(data_config, "test")[0]
     if num:
         note(f"Sampling {num} images ({options.sampler}, {options.steps or 'all'} steps, {trained.weights} weights)")
         samples = draw_samples(trained, num, options=options, seed=seed, labels=class_labels, batch_size=batch_size,

@@ -21,7 +21,7 @@ from cli_helpers import cli_env, ok, user_error
 
 from ddpm_jax import classifier as cl
 from ddpm_jax import evaluation, likelihood, metrics
-from ddpm_jax.data import to_model_range
+from ddpm_jax.data import load_split, to_model_range
 from ddpm_jax.errors import UserError
 from ddpm_jax.sampling import sample_keys
 from ddpm_jax.schedule import linear_beta_schedule
@@ -482,7 +482,6 @@ def evaluate(env, *args, mock=True, timeout=600):
 def mock_split(split):
     import tensorflow_datasets as tfds
 
-    from ddpm_jax.data import load_split
 
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
         return load_split("fashion_mnist", split)
@@ -663,7 +662,7 @@ def test_cifar10_classifier_and_evaluation_on_mock_data(env, tmp_path, monkeypat
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
         info = evaluation.train_and_store_classifier("cifar10", data_dir=tfds_dir, cache_dir=cache, channels=(4, 8),
                                                      features=16, epochs=2)
-        test_images, _ = evaluation.load_split("cifar10", "test", tfds_dir)
+        test_images, _ = load_split("cifar10", "test", data_dir=tfds_dir)
         model, params, _ = cl.load_classifier(info["classifier"])
         features, logits = cl.classifier_outputs(model, params, test_images[:5])
     assert info["dataset"] == "cifar10" and info["image_shape"] == [32, 32, 3] and info["num_classes"] == 10
@@ -710,7 +709,6 @@ REAL_DATA = os.environ.get("DDPM_JAX_DATA_DIR", "")
 
 @pytest.mark.skipif(not REAL_DATA, reason="DDPM_JAX_DATA_DIR (official archives) not set")
 def test_real_fashion_mnist_small_classifier_and_reference_fid(tmp_path):
-    from ddpm_jax.data import load_split
 
     archives = os.path.join(os.path.expanduser(REAL_DATA), "fashion_mnist")
     images, labels = load_split("fashion_mnist", "train", data_dir=str(tmp_path / "tfds"), manual_dir=archives)
