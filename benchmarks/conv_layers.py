@@ -61,8 +61,17 @@ ARTICLE_OTHER = [
 DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def conv(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DIMS)
+def layer_fn(kernel: int, stride: int, padding: int, transposed: bool):
+    """The layer's function (x, w) -> y, as flax.linen.Conv / ConvTranspose(transpose_kernel) run it."""
+    if transposed:
+        pad = [(kernel - 1 - padding,) * 2] * 2
+        return lambda x, w: jax.lax.conv_transpose(x, w, (stride, stride), pad, dimension_numbers=DIMS,
+                                                   transpose_kernel=True)
+    return lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
+                                                     dimension_numbers=DIMS)
+
+
+conv = layer_fn(3, 1, 1, False)  # the 3x3 stride-1 layer the two variants reformulate
 
 
 def round_up(n: int, multiple: int = 16) -> int:
@@ -87,25 +96,16 @@ def conv_transposed(x, w):
 VARIANTS = {"xla_pad16": conv_pad16, "xla_transposed": conv_transposed}  # of 3x3 stride-1 layers
 
 
-def seconds_per_call(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    jax.block_until_ready(fn(*args))
+def median_seconds(call, repeats: int) -> float:
+    """Median wall time of call() over `repeats` calls, after two untimed ones (compile, warm-up)."""
+    call()
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        call()
         times.append(time.perf_counter() - start)
     return median(times)
-
-
-def strided(kernel: int, stride: int, padding: int, transposed: bool):
-    """The layer's function (x, w) -> y, as flax.linen.Conv / ConvTranspose(transpose_kernel) run it."""
-    if transposed:
-        pad = [(kernel - 1 - padding,) * 2] * 2
-        return lambda x, w: jax.lax.conv_transpose(x, w, (stride, stride), pad, dimension_numbers=DIMS,
-                                                   transpose_kernel=True)
-    return lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
-                                                     dimension_numbers=DIMS)
 
 
 def xla_times(form, size: int, cin: int, cout: int, kernel: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -116,7 +116,8 @@ def xla_times(form, size: int, cin: int, cout: int, kernel: int, batch: int, rep
     # the backward of a training step: gradients of <y, g> for a fixed cotangent g
     g = jnp.ones(jax.eval_shape(form, x, w).shape)
     both = jax.jit(jax.grad(lambda x, w: jnp.vdot(form(x, w), g), argnums=(0, 1)))
-    return seconds_per_call(forward, (x, w), repeats), seconds_per_call(both, (x, w), repeats)
+    return (median_seconds(lambda: jax.block_until_ready(forward(x, w)), repeats),
+            median_seconds(lambda: jax.block_until_ready(both(x, w)), repeats))
 
 
 def torch_times(size: int, cin: int, cout: int, kernel: int, stride: int, padding: int, transposed: bool,
@@ -128,16 +129,6 @@ def torch_times(size: int, cin: int, cout: int, kernel: int, stride: int, paddin
     layer = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
     g = torch.ones_like(layer(x, w, stride=stride, padding=padding))
 
-    def timed_calls(step) -> float:
-        step()
-        step()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        return median(times)
-
     def forward():
         with torch.no_grad():
             layer(x, w, stride=stride, padding=padding)
@@ -146,7 +137,7 @@ def torch_times(size: int, cin: int, cout: int, kernel: int, stride: int, paddin
         x.grad = w.grad = None
         layer(x, w, stride=stride, padding=padding).backward(g)
 
-    return timed_calls(forward), timed_calls(both)
+    return median_seconds(forward, repeats), median_seconds(both, repeats)
 
 
 def main(_):
@@ -175,20 +166,17 @@ def main(_):
                "mflop_forward": flop / 1e6}
         cells = []
         for form in forms:
-            if form == "torch":
-                fwd, both = torch_times(size, cin, cout, kernel, stride, padding, transposed, FLAGS.batch,
-                                        FLAGS.repeats)
-            elif form == "xla":
-                fwd, both = xla_times(strided(kernel, stride, padding, transposed), size, cin, cout, kernel,
-                                      FLAGS.batch, FLAGS.repeats)
-            elif kernel == 3 and stride == 1 and not transposed:
-                fwd, both = xla_times(VARIANTS[form], size, cin, cout, kernel, FLAGS.batch, FLAGS.repeats)
-            else:
-                fwd = both = None
-            if fwd is None:  # a 3x3 variant of another layer: the plain XLA time counts
+            if form in VARIANTS and not (kernel == 3 and stride == 1 and not transposed):
+                # a 3x3 variant of another layer: the plain XLA time counts in the totals
                 fwd, both = row["xla"]["forward_ms"] / 1e3, row["xla"]["forward_backward_ms"] / 1e3
                 cells.append(f"{'(as xla)':>22}")
             else:
+                if form == "torch":
+                    fwd, both = torch_times(size, cin, cout, kernel, stride, padding, transposed, FLAGS.batch,
+                                            FLAGS.repeats)
+                else:
+                    fn = VARIANTS.get(form) or layer_fn(kernel, stride, padding, transposed)
+                    fwd, both = xla_times(fn, size, cin, cout, kernel, FLAGS.batch, FLAGS.repeats)
                 row[form] = {"forward_ms": round(fwd * 1e3, 3), "forward_backward_ms": round(both * 1e3, 3),
                              "forward_gflops": round(flop / fwd / 1e9, 1),
                              "forward_backward_gflops": round(3 * flop / both / 1e9, 1)}

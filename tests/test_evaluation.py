@@ -482,7 +482,6 @@ def evaluate(env, *args, mock=True, timeout=600):
 def mock_split(split):
     import tensorflow_datasets as tfds
 
-
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
         return load_split("fashion_mnist", split)
 
@@ -709,7 +708,6 @@ REAL_DATA = os.environ.get("DDPM_JAX_DATA_DIR", "")
 
 @pytest.mark.skipif(not REAL_DATA, reason="DDPM_JAX_DATA_DIR (official archives) not set")
 def test_real_fashion_mnist_small_classifier_and_reference_fid(tmp_path):
-
     archives = os.path.join(os.path.expanduser(REAL_DATA), "fashion_mnist")
     images, labels = load_split("fashion_mnist", "train", data_dir=str(tmp_path / "tfds"), manual_dir=archives)
     test_images, test_labels = load_split("fashion_mnist", "test", data_dir=str(tmp_path / "tfds"))
