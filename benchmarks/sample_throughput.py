@@ -44,13 +44,12 @@ def main(_):
     labels = jnp.arange(FLAGS.num) % num_classes if num_classes else None
     variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32),
                            None if labels is None else labels[:1])
-    options = sample_options(config)
-    if labels is None:
-        options["guidance"] = 0.0
+    options = sample_options(config, guidance=0.0 if labels is None else None)  # no labels: nothing to guide
 
     def draw(seed):
         keys = sample_keys(jax.random.key(seed), 0, FLAGS.num)
-        return sample(model.apply, variables, schedule, keys, image_shape, labels=labels, **options)[0]
+        return sample(model.apply, variables, schedule, keys, image_shape, options, labels=labels,
+                      prediction=config.diffusion.prediction)[0]
 
     before = compile_seconds()
     timed(lambda: draw(0))  # compiles
@@ -62,9 +61,9 @@ def main(_):
         "model": config.model.name,
         "num_samples": FLAGS.num,
         "n_steps": schedule.n_steps,
-        "sampler": options["sampler"],
-        "steps": options["steps"] or schedule.n_steps,
-        "guidance": options["guidance"],
+        "sampler": options.sampler,
+        "steps": options.steps or schedule.n_steps,
+        "guidance": options.guidance,
         "images_per_s": round(FLAGS.num / seconds, 3),
         "seconds_median": round(seconds, 2),
         "seconds_all": [round(t, 2) for t in times],

@@ -96,18 +96,20 @@ def info():
             "machine": platform.machine(), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def bench_train(args):
-    model = ArticleUNet(args.n_steps)
+def make_train_step(batch, n_steps=1000):
+    """The article's training step on random uint8 data: step(i) draws a batch, t and eps, and
+    takes one Adam step on the MSE of eps (the model: a fresh ArticleUNet)."""
+    model = ArticleUNet(n_steps)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 506_852
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    _, _, alpha_bars = schedule(args.n_steps)
+    _, _, alpha_bars = schedule(n_steps)
     data = torch.randint(0, 256, (60000, 1, 28, 28), dtype=torch.uint8)
 
     def step(i):
-        idx = torch.randint(0, data.shape[0], (args.batch,))
+        idx = torch.randint(0, data.shape[0], (batch,))
         x0 = (data[idx].float() / 255 - 0.5) * 2
         eps = torch.randn_like(x0)
-        t = torch.randint(0, args.n_steps, (args.batch,))
+        t = torch.randint(0, n_steps, (batch,))
         ab = alpha_bars[t].reshape(-1, 1, 1, 1)
         loss = nn.functional.mse_loss(model(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t), eps)
         optim.zero_grad()
@@ -115,6 +117,11 @@ def bench_train(args):
         optim.step()
         return loss.item()
 
+    return step
+
+
+def bench_train(args):
+    step = make_train_step(args.batch, args.n_steps)
     for i in range(args.warmup):
         step(i)
     times = []

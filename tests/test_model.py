@@ -116,6 +116,35 @@ def test_the_one_change_fix_sees_brightness_and_contrast():
     assert not np.allclose(fixed.apply(variables, 2.0 * x, t), base, atol=1e-3)
 
 
+@pytest.mark.parametrize("layer, size, channels", [("down", 28, 10), ("down", 6, 40), ("up", 7, 20), ("up", 3, 40)])
+def test_stride_two_layers_equal_the_strided_forms(layer, size, channels):
+    # The down path's Conv2d(4, 2, 1) and the up path's ConvTranspose2d(4, 2, 1) are computed as
+    # stride-1 convolutions (faster on XLA:CPU): same parameters, same init, same function and
+    # gradients as the direct strided / input-dilated forms.
+    from ddpm_jax.models import article_unet
+
+    if layer == "down":
+        direct, ours = article_unet._conv(channels, channels, 4, 2, 1), article_unet.StrideTwoConv(channels)
+    else:
+        direct, ours = article_unet._conv_transpose(channels, 4, 2, 1), article_unet.StrideTwoConvTranspose(channels)
+    x = jax.random.normal(jax.random.key(4), (2, size, size, channels))
+    variables = direct.init(jax.random.key(5), x)
+    own_init = ours.init(jax.random.key(5), x)
+    assert jax.tree.structure(own_init) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(own_init), jax.tree.leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+    target = jax.random.normal(jax.random.key(6), direct.apply(variables, x).shape)
+
+    def loss_and_grads(module):
+        loss = lambda v, x: jnp.sum((module.apply(v, x) - target) ** 2)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1))(variables, x)
+
+    (want, want_grads), (got, got_grads) = loss_and_grads(direct), loss_and_grads(ours)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
 # ------------------------------------------------ numerical parity with the article's PyTorch model
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

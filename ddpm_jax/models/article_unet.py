@@ -63,6 +63,70 @@ def _conv_transpose(features: int, kernel: int, stride: int, padding: int, name=
                             bias_init=_torch_uniform(fan_in), name=name)
 
 
+class StrideTwoConv(nn.Module):
+    """PyTorch's Conv2d(k=4, stride=2, padding=1), computed as a stride-1 2x2 convolution.
+
+    The padded input's 2x2 pixel phases become channels (space to depth), and the 4x4 kernel
+    the matching 2x2 kernel over them: the same sums, the same parameter (kernel (4, 4, C, O),
+    bias (O,)). XLA:CPU runs the strided form's kernel gradient (a convolution with a dilated
+    window) at a fraction of the stride-1 form's rate: see benchmarks/step_profile.py.
+    x: (B, H, W, C), H and W even -> (B, H/2, W/2, O).
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        fan_in = c * 16
+        kernel = self.param("kernel", _torch_uniform(fan_in), (4, 4, c, self.features))
+        bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        # x_pad[2i + p, 2j + q] -> phases[i, j, (p, q, c)]; kernel[2a + p, 2b + q] -> [a, b, (p, q, c)]
+        phases = x.reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
+        phases = phases.reshape(b, h // 2 + 1, w // 2 + 1, 4 * c)
+        kernel = kernel.reshape(2, 2, 2, 2, c, self.features).transpose(0, 2, 1, 3, 4, 5)
+        kernel = kernel.reshape(2, 2, 4 * c, self.features)
+        y = jax.lax.conv_general_dilated(phases, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
+# PyTorch's ConvTranspose2d(k=4, stride=2, padding=1) along one axis: output 2m + r takes input
+# m - 1 + u (u = 0, 1, 2 over the input padded by one) times kernel tap _SUBPIXEL_TAPS[r][u]
+# (4: no tap, a zero).
+_SUBPIXEL_TAPS = np.array([[3, 1, 4], [4, 2, 0]])
+
+
+class StrideTwoConvTranspose(nn.Module):
+    """PyTorch's ConvTranspose2d(k=4, stride=2, padding=1), computed as a stride-1 3x3 convolution.
+
+    Each of the output's 2x2 pixel phases is a small stride-1 convolution of the input; one
+    3x3 convolution computes all four as channels (the taps a phase does not use are zeros),
+    then depth to space. The parameter is nn.ConvTranspose(transpose_kernel=True)'s: kernel
+    (4, 4, O, C), bias (O,). XLA:CPU runs the input-dilated form and its gradients slowly;
+    the 2.25x multiply-adds of the zero taps cost less (benchmarks/step_profile.py).
+    x: (B, H, W, C) -> (B, 2H, 2W, O).
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        fan_in = self.features * 16  # PyTorch takes a transposed conv's fan_in from its output channels
+        kernel = self.param("kernel", _torch_uniform(fan_in), (4, 4, self.features, c))
+        bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
+        taps = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # index 4: the zero tap
+        rows = _SUBPIXEL_TAPS[:, :, None, None]  # (r, u, 1, 1)
+        cols = _SUBPIXEL_TAPS[None, None, :, :]  # (1, 1, s, v)
+        taps = taps[rows, cols]  # (r, u, s, v, O, C)
+        taps = taps.transpose(1, 3, 5, 0, 2, 4).reshape(3, 3, c, 4 * self.features)  # (u, v, C, (r, s, O))
+        y = jax.lax.conv_general_dilated(x, taps, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+        return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+
+
 class Block(nn.Module):
     """[LayerNorm over (H, W, C)] -> Conv3x3 -> SiLU -> Conv3x3 -> SiLU; keeps H and W."""
 
@@ -133,20 +197,20 @@ class ArticleUNet(nn.Module):
         out_channels = x.shape[-1]
 
         out1 = self._level(x, emb, (10, 10, 10), "b1", norm_after_conv_first=not self.normalize_input)  # (B, 28, 28, 10)
-        out2 = self._level(_conv(10, 10, 4, 2, 1, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
-        out3 = self._level(_conv(20, 20, 4, 2, 1, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
+        out2 = self._level(StrideTwoConv(10, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
+        out3 = self._level(StrideTwoConv(20, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
 
         h = nn.silu(_conv(40, 40, 2, name="down3_a")(out3))  # (B, 6, 6, 40)
-        h = _conv(40, 40, 4, 2, 1, name="down3_b")(h)  # (B, 3, 3, 40)
+        h = StrideTwoConv(40, name="down3_b")(h)  # (B, 3, 3, 40)
         mid = self._level(h, emb, (20, 20, 40), "b_mid")  # (B, 3, 3, 40)
 
-        h = nn.silu(_conv_transpose(40, 4, 2, 1, name="up1_a")(mid))  # (B, 6, 6, 40)
+        h = nn.silu(StrideTwoConvTranspose(40, name="up1_a")(mid))  # (B, 6, 6, 40)
         h = _conv_transpose(40, 2, 1, 0, name="up1_b")(h)  # (B, 7, 7, 40)
         out4 = self._level(jnp.concatenate([out3, h], -1), emb, (40, 20, 20), "b4")  # (B, 7, 7, 20)
 
-        h = _conv_transpose(20, 4, 2, 1, name="up2")(out4)  # (B, 14, 14, 20)
+        h = StrideTwoConvTranspose(20, name="up2")(out4)  # (B, 14, 14, 20)
         out5 = self._level(jnp.concatenate([out2, h], -1), emb, (20, 10, 10), "b5")  # (B, 14, 14, 10)
 
-        h = _conv_transpose(10, 4, 2, 1, name="up3")(out5)  # (B, 28, 28, 10)
+        h = StrideTwoConvTranspose(10, name="up3")(out5)  # (B, 28, 28, 10)
         out = self._level(jnp.concatenate([out1, h], -1), emb, (10, 10, 10), "b_out", normalize_last=False)
         return _conv(out_channels, 10, 3, padding=1, name="conv_out")(out)  # (B, 28, 28, C)
