@@ -31,10 +31,11 @@ flags.DEFINE_enum("weights", "auto", ["auto", "ema", "raw"],
 cli.define_sample_flags()
 flags.DEFINE_string("label", None, "Conditional models: the class to draw, by index or name ('7', 'sneaker'), "
                     "or 'none' for unconditional samples; default: one row per class.")
-flags.DEFINE_string("out", "samples.npz", "Samples as uint8 NHWC under key arr_0 ('' to skip).")
+flags.DEFINE_string("out", "samples.npz", "Samples as uint8 NHWC under key arr_0, pixels as --display ('' to skip).")
 flags.DEFINE_string("grid", "samples.png", "A PNG grid of the samples ('' to skip).")
 flags.DEFINE_enum("display", "clip", ["clip", "minmax"],
-                  "Grid pixels: clip to [-1, 1] (honest), or min-max normalise each image (the article's figures).")
+                  "Pixels of the grid and --out: clip to [-1, 1] (honest), or min-max normalise each image "
+                  "(the article's figures).")
 flags.DEFINE_string("gif", "", "A GIF of the reverse process of the first 100 samples ('' to skip).")
 flags.DEFINE_integer("frames", 100, "Frames recorded for the GIF.", lower_bound=1)
 flags.DEFINE_integer("scale", None, "Enlarge each image in the grid and the GIF this many times (nearest "
@@ -64,7 +65,6 @@ def main():
     import numpy as np
 
     from ddpm_jax import viz
-    from ddpm_jax.data import from_model_range
     from ddpm_jax.generate import PartialSamples, generate, load_trained, run_settings, sample_options, save_npz
     from ddpm_jax.parallel import make_mesh
 
@@ -104,8 +104,7 @@ def main():
     x0, frames = partial.x0, partial.frames
     try:
         if out:
-            samples = from_model_range(x0, clip=True)
-            save_npz(out, arr_0=samples)
+            save_npz(out, arr_0=viz.to_uint8(x0, FLAGS.display))
             print(f"Wrote {out} ({FLAGS.num} images, uint8 NHWC, key arr_0)")
         if FLAGS.grid:
             viz.save_grid(FLAGS.grid, x0, display=FLAGS.display, cols=cols, scale=FLAGS.scale)

@@ -62,7 +62,10 @@ def main(_):
     keys = run_keys(jax.random.key(config.seed))
     num_classes = config.model.num_classes
     d = config.diffusion
-    state = create_train_state(model, make_schedule(d), create_optimizer(config.optim), keys["init"],
+    steps_per_epoch = FLAGS.num_examples // batch
+    # The learning-rate schedule of a real run on this many examples (it does not change the speed).
+    optimizer = create_optimizer(config.optim, steps_per_epoch * config.train.num_epochs)
+    state = create_train_state(model, make_schedule(d), optimizer, keys["init"],
                                image_shape, ema_decay=config.train.ema_decay, num_classes=num_classes,
                                label_dropout=config.train.label_dropout, prediction=d.prediction,
                                loss_weighting=d.loss_weighting, snr_gamma=d.snr_gamma,
@@ -72,7 +75,6 @@ def main(_):
     images = jnp.asarray(rng.integers(0, 256, (FLAGS.num_examples, *image_shape), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, num_classes, FLAGS.num_examples, dtype=np.int32)) if num_classes else None
     order = epoch_permutation(keys["data"], 0, FLAGS.num_examples)
-    steps_per_epoch = FLAGS.num_examples // batch
     options = dict(num_steps=chunk, batch_size=batch, labels=labels)
 
     # As a training run does: compile the chunk, give the compiler's memory back, then step.

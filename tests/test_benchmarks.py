@@ -25,6 +25,15 @@ def test_sample_throughput(tmp_path_factory, tmp_path):
     assert result["images_per_s"] > 0
 
 
+def test_train_throughput_with_a_learning_rate_schedule(tmp_path_factory, tmp_path):
+    # Warm-up and decay need the run's planned steps (the fast configs'); tiny: 8 steps an epoch.
+    result = run_json(cli_env(tmp_path_factory), tmp_path, "benchmarks/train_throughput.py", "--config",
+                      "configs/tiny.py", "--steps", "3", "--num_examples", "64", "--config.optim.warmup_steps=5",
+                      "--config.optim.decay=cosine")
+    assert (result["batch_size"], result["steps_per_chunk"], result["timed_steps"]) == (8, 4, 12)
+    assert result["images_per_s"] > 0
+
+
 def test_step_profile_names_the_ops(tmp_path_factory, tmp_path):
     # The article's U-Net at batch 2: every convolution of the step is found in the trace and named.
     result = run_json(cli_env(tmp_path_factory), tmp_path, "benchmarks/step_profile.py", "--batch", "2",

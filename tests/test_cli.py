@@ -119,6 +119,13 @@ def test_sample_writes_npz_grid_and_gif(env, trained, tmp_path):
     ok(run(env, "sample.py", f"--ckpt={workdir}/checkpoints", "--num=6", "--batch=6", f"--out={out2}", "--grid=",
            "--seed=3", "--noprogress", mock=False))
     np.testing.assert_array_equal(np.load(out2)["arr_0"], samples)
+    # --display minmax stretches each stored image to 0..255, as the article's figures.
+    out3 = tmp_path / "s3.npz"
+    ok(run(env, "sample.py", f"--ckpt={workdir}", "--num=6", "--batch=6", f"--out={out3}", "--grid=",
+           "--seed=3", "--display=minmax", "--noprogress", mock=False))
+    stretched = np.load(out3)["arr_0"]
+    assert (stretched.min(axis=(1, 2, 3)) == 0).all() and (stretched.max(axis=(1, 2, 3)) == 255).all()
+    assert not np.array_equal(stretched, samples)
     # Outputs are never overwritten unless asked.
     before = out.read_bytes()
     user_error(run(env, "sample.py", f"--ckpt={workdir}", "--num=2", f"--out={out}", "--grid=", mock=False),

@@ -1,6 +1,8 @@
+import functools
 import importlib.util
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,18 +118,8 @@ def test_the_one_change_fix_sees_brightness_and_contrast():
     assert not np.allclose(fixed.apply(variables, 2.0 * x, t), base, atol=1e-3)
 
 
-@pytest.mark.parametrize("layer, size, channels", [("down", 28, 10), ("down", 6, 40), ("up", 7, 20), ("up", 3, 40)])
-def test_stride_two_layers_equal_the_strided_forms(layer, size, channels):
-    # The down path's Conv2d(4, 2, 1) and the up path's ConvTranspose2d(4, 2, 1) are computed as
-    # stride-1 convolutions (faster on XLA:CPU): same parameters, same init, same function and
-    # gradients as the direct strided / input-dilated forms.
-    from ddpm_jax.models import article_unet
-
-    if layer == "down":
-        direct, ours = article_unet._conv(channels, channels, 4, 2, 1), article_unet.StrideTwoConv(channels)
-    else:
-        direct, ours = article_unet._conv_transpose(channels, 4, 2, 1), article_unet.StrideTwoConvTranspose(channels)
-    x = jax.random.normal(jax.random.key(4), (2, size, size, channels))
+def _assert_same_function(direct, ours, x):
+    """Same parameters and init, same outputs and gradients (to float32 rounding)."""
     variables = direct.init(jax.random.key(5), x)
     own_init = ours.init(jax.random.key(5), x)
     assert jax.tree.structure(own_init) == jax.tree.structure(variables)
@@ -143,6 +135,31 @@ def test_stride_two_layers_equal_the_strided_forms(layer, size, channels):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("kernel, padding, size, channels", [
+    (4, ((1, 1), (1, 1)), 28, 10), (4, ((1, 1), (1, 1)), 6, 40),  # the article's Conv2d(4, 2, 1)
+    (3, ((1, 1), (1, 1)), 14, 32), (3, "SAME", 14, 32),  # unet's downsampling, both paddings
+    (3, "SAME", 7, 8), (3, ((0, 2), (1, 0)), 9, 4), (2, "VALID", 5, 3)])  # odd sizes, uneven pads
+def test_stride_two_conv_equals_the_strided_form(kernel, padding, size, channels):
+    # Computed at stride 1 (space to depth: faster on XLA:CPU), inside nn.Conv: the same module,
+    # parameters and init, the same function and gradients as lax's strided convolution.
+    from ddpm_jax.models.convs import stride_two_conv
+
+    conv = functools.partial(nn.Conv, channels + 1, (kernel, kernel), (2, 2), padding=padding)
+    x = jax.random.normal(jax.random.key(4), (2, size, size, channels))
+    _assert_same_function(conv(), conv(conv_general_dilated=stride_two_conv), x)
+
+
+@pytest.mark.parametrize("size, channels", [(7, 20), (3, 40)])
+def test_stride_two_transposed_conv_equals_the_input_dilated_form(size, channels):
+    # The up path's ConvTranspose2d(4, 2, 1) as one stride-1 3x3 convolution over the four
+    # output phases: same parameters, same init, same function and gradients.
+    from ddpm_jax.models import article_unet
+
+    x = jax.random.normal(jax.random.key(4), (2, size, size, channels))
+    _assert_same_function(article_unet._conv_transpose(channels, 4, 2, 1),
+                          article_unet.StrideTwoConvTranspose(channels), x)
 
 
 # ------------------------------------------------ numerical parity with the article's PyTorch model

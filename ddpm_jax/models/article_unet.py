@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from ddpm_jax.models.convs import stride_two_conv
+
 
 def article_sinusoidal_table(n_steps: int, dim: int) -> np.ndarray:
     """The article's time table, shape (n_steps, dim), float32.
@@ -44,9 +46,12 @@ def _torch_uniform(fan_in: int):
 
 
 def _conv(features: int, in_features: int, kernel: int, stride: int = 1, padding: int = 0, name=None) -> nn.Conv:
+    """PyTorch's Conv2d(k, s, p). Stride 2 is computed at stride 1 (convs.stride_two_conv: the
+    same sums, faster on XLA:CPU)."""
     fan_in = in_features * kernel * kernel
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((padding, padding), (padding, padding)),
-                   kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in), name=name)
+                   kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in), name=name,
+                   conv_general_dilated=stride_two_conv)
 
 
 def _conv_transpose(features: int, kernel: int, stride: int, padding: int, name=None) -> nn.ConvTranspose:
@@ -61,34 +66,6 @@ def _conv_transpose(features: int, kernel: int, stride: int, padding: int, name=
     return nn.ConvTranspose(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                             transpose_kernel=True, kernel_init=_torch_uniform(fan_in),
                             bias_init=_torch_uniform(fan_in), name=name)
-
-
-class StrideTwoConv(nn.Module):
-    """PyTorch's Conv2d(k=4, stride=2, padding=1), computed as a stride-1 2x2 convolution.
-
-    The padded input's 2x2 pixel phases become channels (space to depth), and the 4x4 kernel
-    the matching 2x2 kernel over them: the same sums, the same parameter (kernel (4, 4, C, O),
-    bias (O,)). XLA:CPU runs the strided form's kernel gradient (a convolution with a dilated
-    window) at a fraction of the stride-1 form's rate: see benchmarks/step_profile.py.
-    x: (B, H, W, C), H and W even -> (B, H/2, W/2, O).
-    """
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        b, h, w, c = x.shape
-        fan_in = c * 16
-        kernel = self.param("kernel", _torch_uniform(fan_in), (4, 4, c, self.features))
-        bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
-        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        # x_pad[2i + p, 2j + q] -> phases[i, j, (p, q, c)]; kernel[2a + p, 2b + q] -> [a, b, (p, q, c)]
-        phases = x.reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
-        phases = phases.reshape(b, h // 2 + 1, w // 2 + 1, 4 * c)
-        kernel = kernel.reshape(2, 2, 2, 2, c, self.features).transpose(0, 2, 1, 3, 4, 5)
-        kernel = kernel.reshape(2, 2, 4 * c, self.features)
-        y = jax.lax.conv_general_dilated(phases, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
 
 
 # PyTorch's ConvTranspose2d(k=4, stride=2, padding=1) along one axis: output 2m + r takes input
@@ -197,11 +174,11 @@ class ArticleUNet(nn.Module):
         out_channels = x.shape[-1]
 
         out1 = self._level(x, emb, (10, 10, 10), "b1", norm_after_conv_first=not self.normalize_input)  # (B, 28, 28, 10)
-        out2 = self._level(StrideTwoConv(10, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
-        out3 = self._level(StrideTwoConv(20, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
+        out2 = self._level(_conv(10, 10, 4, 2, 1, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
+        out3 = self._level(_conv(20, 20, 4, 2, 1, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
 
         h = nn.silu(_conv(40, 40, 2, name="down3_a")(out3))  # (B, 6, 6, 40)
-        h = StrideTwoConv(40, name="down3_b")(h)  # (B, 3, 3, 40)
+        h = _conv(40, 40, 4, 2, 1, name="down3_b")(h)  # (B, 3, 3, 40)
         mid = self._level(h, emb, (20, 20, 40), "b_mid")  # (B, 3, 3, 40)
 
         h = nn.silu(StrideTwoConvTranspose(40, name="up1_a")(mid))  # (B, 6, 6, 40)

@@ -1,0 +1,54 @@
+"""Convolution forms that XLA:CPU runs fast, as drop-ins for lax.conv_general_dilated.
+
+`nn.Conv(..., strides=2, conv_general_dilated=stride_two_conv)` keeps nn.Conv's parameters,
+names and init and changes only how the sums are computed: XLA:CPU runs a strided
+convolution's kernel gradient (a convolution with a dilated window) at a fraction of the
+stride-1 rate (README: Where the time goes; benchmarks/step_profile.py).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def stride_two_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """lax.conv_general_dilated, with an NHWC x HWIO stride-2 convolution computed at stride 1.
+
+    The padded input's 2x2 pixel phases become channels (space to depth) and the k x k kernel,
+    zero-padded to an even size, the matching ceil(k/2)-sized kernel over them: the same sums.
+    Anything else (other strides, dilations, groups, layouts, negative padding) goes to
+    lax.conv_general_dilated unchanged.
+    lhs: (B, H, W, C), rhs: (kh, kw, C, O) -> (B, (H + pads - kh) // 2 + 1, ..., O).
+    """
+    def strided():
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+    plain = all(d == 1 for d in tuple(lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+    if lhs.ndim != 4 or tuple(window_strides) != (2, 2) or not plain or feature_group_count != 1:
+        return strided()
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+        return strided()
+    kh, kw, c, features = rhs.shape
+    pads = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (2, 2), padding) if isinstance(padding, str) else padding
+    if min(min(p) for p in pads) < 0:
+        return strided()
+    x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    out_h, out_w = (x.shape[1] - kh) // 2 + 1, (x.shape[2] - kw) // 2 + 1
+    ka, kb = -(-kh // 2), -(-kw // 2)  # the phase kernel's size
+    # The phases cover 2 (out + k_half - 1) rows: rows past the last window are cut (they
+    # meet no tap), missing ones are zeros (they meet the kernel's zero padding).
+    rows, cols = 2 * (out_h + ka - 1), 2 * (out_w + kb - 1)
+    x = x[:, :rows, :cols]
+    x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2]), (0, 0)))
+    b = x.shape[0]
+    # x[2i + p, 2j + q] -> phases[i, j, (p, q, c)]; rhs[2a + p, 2b + q] -> kernel[a, b, (p, q, c)]
+    phases = x.reshape(b, rows // 2, 2, cols // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    phases = phases.reshape(b, rows // 2, cols // 2, 4 * c)
+    kernel = jnp.pad(rhs, ((0, 2 * ka - kh), (0, 2 * kb - kw), (0, 0), (0, 0)))
+    kernel = kernel.reshape(ka, 2, kb, 2, c, features).transpose(0, 2, 1, 3, 4, 5).reshape(ka, kb, 4 * c, features)
+    return lax.conv_general_dilated(phases, kernel, (1, 1), "VALID", dimension_numbers=nhwc,
+                                    precision=precision, **kwargs)
