@@ -147,8 +147,12 @@ def test_stride_two_conv_equals_the_strided_form(kernel, padding, size, channels
     from ddpm_jax.models.convs import stride_two_conv
 
     conv = functools.partial(nn.Conv, channels + 1, (kernel, kernel), (2, 2), padding=padding)
+    direct, ours = conv(), conv(conv_general_dilated=stride_two_conv)
     x = jax.random.normal(jax.random.key(4), (2, size, size, channels))
-    _assert_same_function(conv(), conv(conv_general_dilated=stride_two_conv), x)
+    _assert_same_function(direct, ours, x)
+    variables = direct.init(jax.random.key(5), x)
+    strided = [str(jax.make_jaxpr(m.apply)(variables, x)).count("window_strides=(2, 2)") for m in (direct, ours)]
+    assert strided == [1, 0]  # no strided convolution is left
 
 
 @pytest.mark.parametrize("size, channels", [(7, 20), (3, 40)])
