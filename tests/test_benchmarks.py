@@ -1,44 +1,61 @@
-"""The benchmark scripts run and print what they promise (tiny work: a smoke test, no timings asserted)."""
+"""The benchmark scripts run and print what they promise (tiny work: a smoke test, no timings asserted).
+
+The three scripts run side by side in one fixture (compiling is mostly single-threaded)."""
 
 import json
 import os
 import subprocess
 import sys
 
-from cli_helpers import cli_env, ok
+import pytest
+
+from cli_helpers import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = {
+    "sample_throughput": ["benchmarks/sample_throughput.py", "--config", "configs/tiny.py", "--num", "2",
+                          "--repeats", "1", "--config.sample.sampler=ddim", "--config.sample.steps=3"],
+    # Warm-up and decay need the run's planned steps (the fast configs'); tiny: 8 steps an epoch.
+    "train_throughput": ["benchmarks/train_throughput.py", "--config", "configs/tiny.py", "--steps", "3",
+                         "--num_examples", "64", "--config.optim.warmup_steps=5", "--config.optim.decay=cosine"],
+    # The article's U-Net at batch 2: every convolution of the step is found in the trace and named.
+    "step_profile": ["benchmarks/step_profile.py", "--batch", "2", "--steps", "1", "--no-torch"],
+}
 
 
-def run_json(env, tmp_path, script, *args):
-    out = tmp_path / f"{os.path.basename(script)}.json"
-    ok(subprocess.run([sys.executable, script, *args, "--json", str(out)], cwd=ROOT, env=env,
-                      capture_output=True, text=True, timeout=600))
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """{name: the script's JSON, or the failed run's output}."""
+    env, out = cli_env(tmp_path_factory), tmp_path_factory.mktemp("benchmarks")
+    procs = {name: subprocess.Popen([sys.executable, *args, "--json", str(out / f"{name}.json")], cwd=ROOT,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, args in RUNS.items()}
+    done = {}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=600)
+        done[name] = json.loads((out / f"{name}.json").read_text()) if proc.returncode == 0 else output
+    return done
 
 
-def test_sample_throughput(tmp_path_factory, tmp_path):
-    result = run_json(cli_env(tmp_path_factory), tmp_path, "benchmarks/sample_throughput.py", "--config",
-                      "configs/tiny.py", "--num", "2", "--repeats", "1", "--config.sample.sampler=ddim",
-                      "--config.sample.steps=3")
+def result_of(results, name) -> dict:
+    assert isinstance(results[name], dict), results[name]
+    return results[name]
+
+
+def test_sample_throughput(results):
+    result = result_of(results, "sample_throughput")
     assert (result["sampler"], result["steps"], result["n_steps"], result["num_samples"]) == ("ddim", 3, 50, 2)
     assert result["images_per_s"] > 0
 
 
-def test_train_throughput_with_a_learning_rate_schedule(tmp_path_factory, tmp_path):
-    # Warm-up and decay need the run's planned steps (the fast configs'); tiny: 8 steps an epoch.
-    result = run_json(cli_env(tmp_path_factory), tmp_path, "benchmarks/train_throughput.py", "--config",
-                      "configs/tiny.py", "--steps", "3", "--num_examples", "64", "--config.optim.warmup_steps=5",
-                      "--config.optim.decay=cosine")
+def test_train_throughput_with_a_learning_rate_schedule(results):
+    result = result_of(results, "train_throughput")
     assert (result["batch_size"], result["steps_per_chunk"], result["timed_steps"]) == (8, 4, 12)
     assert result["images_per_s"] > 0
 
 
-def test_step_profile_names_the_ops(tmp_path_factory, tmp_path):
-    # The article's U-Net at batch 2: every convolution of the step is found in the trace and named.
-    result = run_json(cli_env(tmp_path_factory), tmp_path, "benchmarks/step_profile.py", "--batch", "2",
-                      "--steps", "1", "--no-torch")
-    categories = result["ddpm_jax"]["op_ms_by_category"]
+def test_step_profile_names_the_ops(results):
+    categories = result_of(results, "step_profile")["ddpm_jax"]["op_ms_by_category"]
     for expected in ("convolutions, stride 1 / forward", "convolutions, stride 1 / backward",
                      "LayerNorm / forward", "SiLU / forward"):
         assert categories.get(expected, 0) > 0, categories

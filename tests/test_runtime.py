@@ -33,19 +33,25 @@ def test_configure_respects_off_and_release_is_harmless():
     runtime.release_free_host_memory()
 
 
-def _run_check(tmp_path, tuning):
-    out = tmp_path / f"{tuning}.npz"
+def _run_checks(tmp_path, *tunings):
+    """runtime_check.py under each DDPM_JAX_CPU_TUNING value, the processes side by side (compiling
+    is mostly single-threaded): {tuning: its saved arrays}."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
-    result = subprocess.run([sys.executable, "tests/runtime_check.py", str(out)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env={**env, "DDPM_JAX_CPU_TUNING": tuning, "PYTHONPATH": "tests"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return np.load(out)
+    procs = {tuning: subprocess.Popen([sys.executable, "tests/runtime_check.py", str(tmp_path / f"{tuning}.npz")],
+                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      env={**env, "DDPM_JAX_CPU_TUNING": tuning, "PYTHONPATH": "tests"})
+             for tuning in tunings}
+    for tuning, proc in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+    return {tuning: np.load(tmp_path / f"{tuning}.npz") for tuning in tunings}
 
 
 def test_cpu_settings_compute_the_same_function(tmp_path):
     """The article U-Net's output and every parameter gradient agree with and without the
     settings, which were really in effect (restarted with the tunable, the flag set)."""
-    tuned, plain = _run_check(tmp_path, "on"), _run_check(tmp_path, "off")
+    results = _run_checks(tmp_path, "on", "off")
+    tuned, plain = results["on"], results["off"]
     assert str(plain["xla_flags"]) == "" and str(plain["glibc_tunables"]) == ""
     if runtime.xla_flags_with_cpu_defaults("", jaxlib.__version__):
         assert YNN in str(tuned["xla_flags"])
