@@ -151,13 +151,13 @@ def test_train_py_refuses_groups_that_do_not_divide_the_widths(tmp_path):
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "DDPM_JAX_COMPILE_CACHE": "off", "TFDS_DATA_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "tests/mock_run.py", "16", "train.py", "--config", "configs/tiny.py",
-                             "--config.model.name=unet", "--config.model.channels=6", "--config.model.num_groups=4",
+                             "--config.model.channels=6", "--config.model.num_groups=4",
                              f"--workdir={tmp_path / 'w'}"], cwd=root, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
-    for words in ("--config.model.num_groups (4)", "--config.model.channels (6)", "channel_mults (6, 12, 12)",
+    for words in ("--config.model.num_groups (4)", "--config.model.channels (6)", "channel_mults (6, 12)",
                   "6 is not a multiple"):
         assert words in errors[0], errors[0]
 
