@@ -1,6 +1,7 @@
 """What the end-to-end CLI tests share: the subprocess environment and the result checks."""
 
 import os
+import subprocess
 
 
 def cli_env(tmp_path_factory) -> dict:
@@ -13,6 +14,13 @@ def cli_env(tmp_path_factory) -> dict:
     env["TFDS_DATA_DIR"] = str(tmp_path_factory.mktemp("tfds"))
     env["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))  # tfds' mock_data leaves an empty temp folder per run
     return env
+
+
+def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Waits for a process started with text pipes (several run side by side: compiling is mostly
+    single-threaded) and returns what subprocess.run would have."""
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def ok(result):

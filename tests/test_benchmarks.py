@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cli_helpers import cli_env
+from cli_helpers import cli_env, finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
@@ -28,12 +28,12 @@ def results(tmp_path_factory):
     """{name: the script's JSON, or the failed run's output}."""
     env, out = cli_env(tmp_path_factory), tmp_path_factory.mktemp("benchmarks")
     procs = {name: subprocess.Popen([sys.executable, *args, "--json", str(out / f"{name}.json")], cwd=ROOT,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, args in RUNS.items()}
     done = {}
     for name, proc in procs.items():
-        output, _ = proc.communicate(timeout=600)
-        done[name] = json.loads((out / f"{name}.json").read_text()) if proc.returncode == 0 else output
+        result = finished(proc)
+        done[name] = json.loads((out / f"{name}.json").read_text()) if result.returncode == 0 else result.stderr
     return done
 
 

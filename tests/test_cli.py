@@ -344,9 +344,8 @@ def test_real_fashion_mnist_smoke(env, tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
-COND_UNET = ["--config.model.name=unet", "--config.model.channels=8", "--config.model.num_groups=4",
-             "--config.model.num_res_blocks=1", "--config.model.channel_mults=(1, 2)",
-             "--config.model.attention_resolutions=(14,)", "--config.model.num_classes=10",
+# configs/tiny.py's U-Net, with attention and labels.
+COND_UNET = ["--config.model.attention_resolutions=(14,)", "--config.model.num_classes=10",
              "--config.train.ema_decay=0.9", "--config.sample.sampler=ddim", "--config.sample.steps=5"]
 
 

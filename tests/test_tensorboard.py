@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
-from cli_helpers import cli_env, ok
+from cli_helpers import cli_env, finished, ok
 
 from ddpm_jax import viz
 from ddpm_jax.checkpoint import load_checkpoint
@@ -38,13 +38,8 @@ def start_training(env, *args) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=600)
-    return ok(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-
-
 def train(env, *args):
-    return finished(start_training(env, *args))
+    return ok(finished(start_training(env, *args)))
 
 
 def events(logdir):
@@ -87,7 +82,7 @@ def runs(tmp_path_factory):
     with open(min(glob.glob(str(logdir / "*tfevents*"))), "ab") as f:
         f.write(b"\x17\x00\x00\x00torn")
     train(env, *FLIPS, *LOGGING, f"--workdir={resumed}", "--config.data.placement=stream")
-    reference = finished(reference)
+    reference = ok(finished(reference))
     return {"resumed": resumed, "uninterrupted": uninterrupted, "stopped_stdout": stopped.stdout,
             "reference_stdout": reference.stdout}
 
