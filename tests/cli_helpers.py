@@ -16,10 +16,10 @@ def cli_env(tmp_path_factory) -> dict:
     return env
 
 
-def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+def finished(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
     """Waits for a process started with text pipes (several run side by side: compiling is mostly
     single-threaded) and returns what subprocess.run would have."""
-    stdout, stderr = proc.communicate(timeout=600)
+    stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 

@@ -330,12 +330,11 @@ def test_nan_loss_keeps_last_good_checkpoint(env, tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
-@pytest.mark.skipif(not os.environ.get("DDPM_JAX_DATA_DIR"), reason="DDPM_JAX_DATA_DIR (official archives) not set")
-def test_real_fashion_mnist_smoke(env, tmp_path):
-    archives = os.path.join(os.environ["DDPM_JAX_DATA_DIR"], "fashion_mnist")
+def test_real_fashion_mnist_smoke(env, real_fashion, tmp_path):
     workdir = tmp_path / "real"
     result = ok(run(env, "train.py", "--config=configs/fashion.py", f"--workdir={workdir}",
-                    f"--config.data.manual_dir={archives}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                    f"--config.data.manual_dir={real_fashion.archives}",
+                    f"--config.data.data_dir={real_fashion.data_dir}",
                     "--config.train.max_steps=3", "--config.train.steps_per_chunk=3",
                     "--config.train.progress=False", mock=False))
     assert "Stopped at step 3" in result.stdout

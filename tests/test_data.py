@@ -1,8 +1,7 @@
 """Tests of ddpm_jax.data: pixel ranges, tfds loading under mock_data, every user error.
 
-The real-data test runs only when DDPM_JAX_DATA_DIR names a folder holding
-fashion_mnist/ (the official .gz archives); it prepares Fashion-MNIST into a temp
-data_dir (~40 s on 2 slow cores).
+The real-data tests run only when DDPM_JAX_DATA_DIR names a folder holding
+fashion_mnist/ (the official .gz archives): see conftest.real_fashion.
 """
 
 import http.server
@@ -459,46 +458,9 @@ def test_folder_errors(folders, tmp_path):
 
 # --------------------------------------------------------------------------- real data
 
-REAL_DATA = os.environ.get("DDPM_JAX_DATA_DIR", "")
-
-
-@pytest.fixture(scope="module")
-def fashion_train(tmp_path_factory):
-    if not REAL_DATA:
-        pytest.skip("set DDPM_JAX_DATA_DIR to a folder holding fashion_mnist/ with the official archives")
-    source = os.path.join(os.path.expanduser(REAL_DATA), "fashion_mnist")
-    return _prepare_fashion(source, tmp_path_factory.mktemp("fashion"))
-
-
-def _prepare_fashion(source, tmp):
-    data_dir = tmp / "tfds"
-    # 1) A failed attempt into the same data_dir: good labels, a truncated image archive,
-    #    found through the <manual_dir>/<name>/ layout.
-    bad = tmp / "bad_manual" / "fashion_mnist"
-    bad.mkdir(parents=True)
-    for f in ARCHIVES:
-        payload = open(os.path.join(source, f), "rb").read()
-        (bad / f).write_bytes(payload[:1000] if f == "train-images-idx3-ubyte.gz" else payload)
-    with pytest.raises(UserError, match=r"fashion_mnist/train-images-idx3-ubyte.gz does not match the checksum"):
-        data.load_split("fashion_mnist", data_dir=str(data_dir), manual_dir=str(bad.parent))
-    # 2) What a killed earlier preparation leaves behind must not get in the way.
-    (data_dir / "fashion_mnist" / "incomplete.KILLED_3.0.1").mkdir(parents=True)
-    (data_dir / "fashion_mnist" / "incomplete.KILLED_3.0.1" / "junk").write_bytes(b"junk")
-    # 3) The real preparation, then a read of the prepared data without manual_dir.
-    start = time.monotonic()
-    images, labels = data.load_split("fashion_mnist", data_dir=str(data_dir), manual_dir=source)
-    prepare_and_load_s = time.monotonic() - start
-    start = time.monotonic()
-    test_images, test_labels = data.load_split("fashion_mnist", "test", data_dir=str(data_dir))
-    load_test_s = time.monotonic() - start
-    print(f"\nfashion_mnist: prepare+load train {prepare_and_load_s:.1f} s, load test {load_test_s:.1f} s")
-    with pytest.raises(UserError, match="cannot read split 'valid' of fashion_mnist: Unknown split 'valid'"):
-        data.load_split("fashion_mnist", "valid", data_dir=str(data_dir))
-    return images, labels, test_images, test_labels, data_dir
-
-
-def test_real_fashion_mnist(fashion_train):
-    images, labels, test_images, test_labels, _ = fashion_train
+def test_real_fashion_mnist(real_fashion):
+    images, labels, test_images, test_labels = (real_fashion.images, real_fashion.labels,
+                                                real_fashion.test_images, real_fashion.test_labels)
     assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
     assert labels.shape == (60000,) and labels.dtype == np.int32
     assert abs(images.mean() / 255 - 0.2860) < 0.001
@@ -510,12 +472,12 @@ def test_real_fashion_mnist(fashion_train):
     assert abs(test_images.mean() / 255 - 0.2868) < 0.001
 
 
-def test_real_mnist_prepared_beside_fashion_mnist_is_mnist(fashion_train):
+def test_real_mnist_prepared_beside_fashion_mnist_is_mnist(real_fashion):
     """MNIST's archives have Fashion-MNIST's file names; prepared from manual_dir into the same
     data_dir after Fashion-MNIST, they must not be served Fashion-MNIST's extracted files."""
-    source = os.path.join(os.path.expanduser(REAL_DATA), "mnist")
+    source = os.path.join(os.path.dirname(real_fashion.archives), "mnist")
     if not os.path.isdir(source):
         pytest.skip("DDPM_JAX_DATA_DIR holds no mnist/ folder")
-    images, labels = data.load_split("mnist", data_dir=str(fashion_train[4]), manual_dir=source)
+    images, labels = data.load_split("mnist", data_dir=str(real_fashion.data_dir), manual_dir=source)
     assert images.shape == (60000, 28, 28, 1) and abs(images.mean() / 255 - 0.1307) < 0.001
     np.testing.assert_array_equal(np.bincount(labels, minlength=10)[:3], [5923, 6742, 5958])

@@ -703,14 +703,9 @@ def test_evaluation_refuses_folder_data():
 
 # --------------------------------------------------------------------------- real data
 
-REAL_DATA = os.environ.get("DDPM_JAX_DATA_DIR", "")
-
-
-@pytest.mark.skipif(not REAL_DATA, reason="DDPM_JAX_DATA_DIR (official archives) not set")
-def test_real_fashion_mnist_small_classifier_and_reference_fid(tmp_path):
-    archives = os.path.join(os.path.expanduser(REAL_DATA), "fashion_mnist")
-    images, labels = load_split("fashion_mnist", "train", data_dir=str(tmp_path / "tfds"), manual_dir=archives)
-    test_images, test_labels = load_split("fashion_mnist", "test", data_dir=str(tmp_path / "tfds"))
+def test_real_fashion_mnist_small_classifier_and_reference_fid(real_fashion):
+    images, labels = real_fashion.images, real_fashion.labels
+    test_images, test_labels = real_fashion.test_images, real_fashion.test_labels
     config = cl.ClassifierConfig(channels=(8, 16), features=32, epochs=3, batch_size=64, learning_rate=2e-3,
                                  train_images=6000)
     model, params, _ = cl.train_classifier(images, labels, config)

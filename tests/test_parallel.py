@@ -8,14 +8,15 @@ import sys
 
 import numpy as np
 
+from cli_helpers import finished, ok
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
 
 def test_data_parallel_matches_one_device_and_checkpoints_move_between_meshes():
-    result = subprocess.run([sys.executable, "tests/parallel_check.py"], cwd=ROOT, env={**os.environ, **FOUR_DEVICES},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = ok(subprocess.run([sys.executable, "tests/parallel_check.py"], cwd=ROOT, env={**os.environ, **FOUR_DEVICES},
+                               capture_output=True, text=True, timeout=600))
     assert "parallel checks passed" in result.stdout
 
 
@@ -31,19 +32,14 @@ def test_two_processes_over_jax_distributed_match_one_process():
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, "tests/parallel_check.py", str(pid), port], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
-    outputs = []
     try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, out + err
-            outputs.append(out)
+        outputs = [ok(finished(proc, timeout=300)).stdout for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    single = subprocess.run([sys.executable, "tests/parallel_check.py", "single"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
+    single = ok(subprocess.run([sys.executable, "tests/parallel_check.py", "single"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300))
     reference = _losses(single.stdout)
     for out in outputs:
         np.testing.assert_allclose(_losses(out), reference, rtol=1e-5)
