@@ -15,8 +15,8 @@ FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PL
 
 
 def test_data_parallel_matches_one_device_and_checkpoints_move_between_meshes():
-    result = ok(subprocess.run([sys.executable, "tests/parallel_check.py"], cwd=ROOT, env={**os.environ, **FOUR_DEVICES},
-                               capture_output=True, text=True, timeout=600))
+    result = ok(subprocess.run([sys.executable, "tests/parallel_check.py"], cwd=ROOT,
+                               env={**os.environ, **FOUR_DEVICES}, capture_output=True, text=True, timeout=600))
     assert "parallel checks passed" in result.stdout
 
 
