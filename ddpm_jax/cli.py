@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from typing import Callable
 
 from absl import flags
@@ -150,6 +151,9 @@ def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
     # every failure it then raises (with tracebacks): the raised error is what is reported.
     absl_logging.set_verbosity(absl_logging.FATAL)
     sys.unraisablehook = _without_closed_loop_echoes(sys.unraisablehook)
+    # The writes still queued when such a failure closes the loop are never started; Python
+    # warns of each at exit, at random (when the coroutine object is collected).
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     try:
         main()
     except UserError as e:
