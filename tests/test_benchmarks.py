@@ -1,6 +1,6 @@
 """The benchmark scripts run and print what they promise (tiny work: a smoke test, no timings asserted).
 
-The three scripts run side by side in one fixture (compiling is mostly single-threaded)."""
+The scripts run side by side in one fixture (compiling is mostly single-threaded)."""
 
 import json
 import os
@@ -20,6 +20,7 @@ RUNS = {
                          "--num_examples", "64", "--config.optim.warmup_steps=5", "--config.optim.decay=cosine"],
     # The article's U-Net at batch 2: every convolution of the step is found in the trace and named.
     "step_profile": ["benchmarks/step_profile.py", "--batch", "2", "--steps", "1", "--no-torch"],
+    "elementwise": ["benchmarks/elementwise.py", "--batch", "2", "--rounds", "1"],
 }
 
 
@@ -60,3 +61,13 @@ def test_step_profile_names_the_ops(results):
                      "LayerNorm / forward", "SiLU / forward"):
         assert categories.get(expected, 0) > 0, categories
     assert not any("strided" in name for name in categories), categories  # no dilated convolution is left
+
+
+def test_elementwise_times_xla_and_the_kernels(results):
+    from ddpm_jax.models import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no CPU kernels here (no C++ compiler)")
+    times = result_of(results, "elementwise")["ms_per_million_elements"]
+    for name in ("silu 2x28x28x10 xla", "silu 2x28x28x10 kernel", "layer_norm 2x28x28x10 forward+backward kernel"):
+        assert times[name]["min"] > 0, times

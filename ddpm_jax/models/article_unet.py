@@ -18,6 +18,7 @@ import flax.linen as nn
 import numpy as np
 
 from ddpm_jax.models.convs import stride_two_conv
+from ddpm_jax.models.cpu_kernels import layer_norm, silu
 
 
 def article_sinusoidal_table(n_steps: int, dim: int) -> np.ndarray:
@@ -104,6 +105,21 @@ class StrideTwoConvTranspose(nn.Module):
         return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm((C, H, W)) of the article, over (H, W, C): one scale and bias per element,
+    eps 1e-5, the exact two-pass variance (the fast E[x^2] - E[x]^2 form loses the offset
+    invariance that the article's model has). Its parameters are nn.LayerNorm's ('scale' ones,
+    'bias' zeros, shape (H, W, C)); cpu_kernels.layer_norm computes it."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, x.shape[-3:])
+        bias = self.param("bias", nn.initializers.zeros, x.shape[-3:])
+        return layer_norm(x, scale, bias, self.epsilon)
+
+
 class Block(nn.Module):
     """[LayerNorm over (H, W, C)] -> Conv3x3 -> SiLU -> Conv3x3 -> SiLU; keeps H and W."""
 
@@ -113,21 +129,17 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        # One scale and bias per element of (H, W, C), eps as torch.nn.LayerNorm.
-        # Exact two-pass variance: the fast E[x^2] - E[x]^2 form loses the
-        # offset invariance that the article's model has.
-        layer_norm = nn.LayerNorm(epsilon=1e-5, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1),
-                                  use_fast_variance=False)
+        norm = LayerNorm()
         conv1 = _conv(self.features, x.shape[-1], 3, padding=1)
         if self.norm_after_conv:
-            x = nn.silu(layer_norm(conv1(x)))
+            x = silu(norm(conv1(x)))
         else:
-            normed = layer_norm(x)
+            normed = norm(x)
             # The article builds the LayerNorm even where it does not apply it (the
             # very last block): its parameters exist, count, and never get a gradient.
             # Keeping them keeps the parameter count (506,852) and a 1:1 map to its state dict.
-            x = nn.silu(conv1(normed if self.normalize else x))
-        x = nn.silu(_conv(self.features, self.features, 3, padding=1)(x))
+            x = silu(conv1(normed if self.normalize else x))
+        x = silu(_conv(self.features, self.features, 3, padding=1)(x))
         return x
 
 
@@ -139,7 +151,7 @@ class TimeMLP(nn.Module):
     @nn.compact
     def __call__(self, emb):
         h = nn.Dense(self.features, kernel_init=_torch_uniform(emb.shape[-1]), bias_init=_torch_uniform(emb.shape[-1]))(emb)
-        h = nn.silu(h)
+        h = silu(h)
         return nn.Dense(self.features, kernel_init=_torch_uniform(self.features),
                         bias_init=_torch_uniform(self.features))(h)
 
@@ -177,11 +189,11 @@ class ArticleUNet(nn.Module):
         out2 = self._level(_conv(10, 10, 4, 2, 1, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
         out3 = self._level(_conv(20, 20, 4, 2, 1, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
 
-        h = nn.silu(_conv(40, 40, 2, name="down3_a")(out3))  # (B, 6, 6, 40)
+        h = silu(_conv(40, 40, 2, name="down3_a")(out3))  # (B, 6, 6, 40)
         h = _conv(40, 40, 4, 2, 1, name="down3_b")(h)  # (B, 3, 3, 40)
         mid = self._level(h, emb, (20, 20, 40), "b_mid")  # (B, 3, 3, 40)
 
-        h = nn.silu(StrideTwoConvTranspose(40, name="up1_a")(mid))  # (B, 6, 6, 40)
+        h = silu(StrideTwoConvTranspose(40, name="up1_a")(mid))  # (B, 6, 6, 40)
         h = _conv_transpose(40, 2, 1, 0, name="up1_b")(h)  # (B, 7, 7, 40)
         out4 = self._level(jnp.concatenate([out3, h], -1), emb, (40, 20, 20), "b4")  # (B, 7, 7, 20)
 

@@ -1,0 +1,106 @@
+"""The compiled CPU SiLU (ddpm_jax/models/cpu_kernels.py) against jax.nn.silu, and its fallbacks."""
+
+import ctypes
+import logging
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import cpu_kernels
+
+needs_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu_kernels.available(),
+                                   reason="the CPU kernels are not built here (no C++ compiler, or not on a CPU)")
+
+# Past about -87 the kernel's exp saturates: both are 0 to within 1e-36 there.
+EXTREMES = np.array([-1e4, -200, -100, -88, -87, -30, -1, -1e-3, 0, 1e-3, 1, 30, 88, 100, 1e4], np.float32)
+
+
+def values():
+    x = np.random.default_rng(0).normal(scale=6.0, size=(3, 7, 5, 10)).astype(np.float32)
+    x.flat[: EXTREMES.size] = EXTREMES
+    return jnp.asarray(x)
+
+
+@needs_kernels
+def test_silu_and_its_gradient_match_jax_nn_silu_to_float_rounding():
+    x = values()
+    np.testing.assert_allclose(jax.jit(cpu_kernels.silu)(x), jax.nn.silu(x), rtol=1e-6, atol=1e-6)
+
+    def loss(silu):
+        return lambda x: jnp.sum(jnp.sin(silu(x)))  # a cotangent that varies per element
+
+    np.testing.assert_allclose(jax.jit(jax.grad(loss(cpu_kernels.silu)))(x), jax.grad(loss(jax.nn.silu))(x),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(cpu_kernels.silu)(x), jax.nn.silu(x), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_the_article_unet_on_the_cpu_calls_the_kernel():
+    """The model really takes the kernel's path (not jax.nn.silu's) when it is available."""
+    from ddpm_jax.config import base_config
+    from ddpm_jax.models import create_model
+
+    model = create_model(base_config(), (28, 28, 1))
+    x, t = jnp.zeros((2, 28, 28, 1)), jnp.zeros((2,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t)
+    hlo = jax.jit(model.apply).lower(params, x, t).compile().as_text()
+    assert cpu_kernels._SILU in hlo
+
+
+def test_other_dtypes_and_a_disabled_kernel_use_jax_nn_silu(monkeypatch):
+    x = values().astype(jnp.bfloat16)
+    assert jnp.array_equal(cpu_kernels.silu(x), jax.nn.silu(x))
+    assert not cpu_kernels._enabled({"DDPM_JAX_CPU_KERNELS": "off"})
+    assert cpu_kernels._enabled({})
+
+
+def test_without_a_compiler_or_with_a_failing_build_there_is_no_kernel(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    assert cpu_kernels._build() is None
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING):
+        assert cpu_kernels._build() is None
+    assert "could not build the CPU kernels" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))  # no partial build left behind
+
+
+@needs_kernels
+def test_layer_norm_and_its_gradients_match_the_jax_formula():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(3.0, 2.0, size=(4, 7, 7, 20)).astype(np.float32))
+    scale = jnp.asarray(rng.normal(1.0, 0.3, size=(7, 7, 20)).astype(np.float32))
+    bias = jnp.asarray(rng.normal(0.0, 0.3, size=(7, 7, 20)).astype(np.float32))
+
+    def reference(x, scale, bias):  # torch.nn.LayerNorm((C, H, W)) over (H, W, C), eps 1e-5
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=(1, 2, 3), keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+    kernel = lambda x, s, b: cpu_kernels.layer_norm(x, s, b, 1e-5)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(kernel)(x, scale, bias), reference(x, scale, bias), rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * weights)  # noqa: E731
+    grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(x, scale, bias)
+    expected = jax.grad(loss(reference), argnums=(0, 1, 2))(x, scale, bias)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(kernel, in_axes=(0, None, None))(x, scale, bias), reference(x, scale, bias),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
+def test_the_kernels_build_from_source_into_an_empty_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = cpu_kernels._build()
+    assert path is not None and path.startswith(str(tmp_path)), path
+    library = ctypes.CDLL(path)
+    for handler in ("DdpmJaxSilu", "DdpmJaxSiluAndSigmoid", "DdpmJaxSiluGrad", "DdpmJaxLayerNorm", "DdpmJaxLayerNormGrad"):
+        assert getattr(library, handler)
+    assert cpu_kernels._build() == path  # found in the cache: built once
+    assert len(list(tmp_path.rglob("*.so"))) == 1
