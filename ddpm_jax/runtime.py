@@ -43,8 +43,13 @@ XLA_CPU_FLAGS_JAXLIB = ((0, 10), (0, 11))  # [from, to)
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def switched_on(variable: str, environ=os.environ) -> bool:
+    """An on-by-default switch in the environment: off only when set to off, 0, false or no."""
+    return environ.get(variable, "on").lower() not in ("off", "0", "false", "no")
+
+
 def tuning_enabled(environ=os.environ) -> bool:
-    return environ.get("DDPM_JAX_CPU_TUNING", "on").lower() not in ("off", "0", "false", "no")
+    return switched_on("DDPM_JAX_CPU_TUNING", environ)
 
 
 def xla_flags_with_cpu_defaults(xla_flags: str, jaxlib_version: str) -> str:

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import runtime
+
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 _SILU, _SILU_AND_SIGMOID, _SILU_GRAD = "ddpm_jax_silu", "ddpm_jax_silu_and_sigmoid", "ddpm_jax_silu_grad"
@@ -37,7 +39,7 @@ _LAYER_NORM, _LAYER_NORM_GRAD = "ddpm_jax_layer_norm", "ddpm_jax_layer_norm_grad
 
 
 def _enabled(environ=os.environ) -> bool:
-    return environ.get("DDPM_JAX_CPU_KERNELS", "on").lower() not in ("off", "0", "false", "no")
+    return runtime.switched_on("DDPM_JAX_CPU_KERNELS", environ)
 
 
 def _cpu_signature() -> str:
