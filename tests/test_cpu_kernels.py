@@ -70,12 +70,14 @@ def test_without_a_compiler_or_with_a_failing_build_there_is_no_kernel(monkeypat
     assert not list(tmp_path.rglob("*.so"))  # no partial build left behind
 
 
+# (40, 28, 28, 10): rows in five chunks on the thread pool, each summing its own scale and bias gradients
 @needs_kernels
-def test_layer_norm_and_its_gradients_match_the_jax_formula():
+@pytest.mark.parametrize("shape", [(4, 7, 7, 20), (40, 28, 28, 10)])
+def test_layer_norm_and_its_gradients_match_the_jax_formula(shape):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(3.0, 2.0, size=(4, 7, 7, 20)).astype(np.float32))
-    scale = jnp.asarray(rng.normal(1.0, 0.3, size=(7, 7, 20)).astype(np.float32))
-    bias = jnp.asarray(rng.normal(0.0, 0.3, size=(7, 7, 20)).astype(np.float32))
+    x = jnp.asarray(rng.normal(3.0, 2.0, size=shape).astype(np.float32))
+    scale = jnp.asarray(rng.normal(1.0, 0.3, size=shape[1:]).astype(np.float32))
+    bias = jnp.asarray(rng.normal(0.0, 0.3, size=shape[1:]).astype(np.float32))
 
     def reference(x, scale, bias):  # torch.nn.LayerNorm((C, H, W)) over (H, W, C), eps 1e-5
         mean = x.mean(axis=(1, 2, 3), keepdims=True)

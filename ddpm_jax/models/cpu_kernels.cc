@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -106,86 +107,90 @@ ffi::Error SiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// Sum of n floats in 16 running partial sums, so the loop vectorises without reassociation flags.
-inline float sum16(const float* __restrict v, size_t n) {
-  float lanes[16] = {};
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] += v[i + l];
-  float total = 0.0f;
-  for (; i < n; ++i) total += v[i];
-  for (int l = 0; l < 16; ++l) total += lanes[l];
-  return total;
-}
-
-// Sum of (v - c)^2 over n floats, the same way.
-inline float sum16_sq(const float* __restrict v, float c, size_t n) {
-  float lanes[16] = {};
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] += (v[i + l] - c) * (v[i + l] - c);
-  float total = 0.0f;
-  for (; i < n; ++i) total += (v[i] - c) * (v[i] - c);
-  for (int l = 0; l < 16; ++l) total += lanes[l];
-  return total;
-}
+// Rows of a normalisation per chunk of parallel_for: about kChunk elements.
+inline size_t rows_per_chunk(size_t d) { return std::max<size_t>(1, kChunk / std::max<size_t>(1, d)); }
 
 // Layer normalisation of each row of x (rows of d = scale's size elements) with an elementwise
 // scale and bias, as torch.nn.LayerNorm over (C, H, W): exact two-pass variance, biased.
-// Also returns each row's mean and 1 / sqrt(var + eps), for the gradient.
-ffi::Error LayerNorm(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, float eps,
-                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd) {
+// Also returns each row's mean and 1 / sqrt(var + eps), for the gradient. Rows run on the pool.
+ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                     ffi::Buffer<ffi::F32> bias, float eps, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd) {
   const size_t d = scale.element_count(), rows = d ? x.element_count() / d : 0;
   const float* __restrict w = scale.typed_data();
   const float* __restrict b = bias.typed_data();
-  for (size_t r = 0; r < rows; ++r) {
-    const float* __restrict in = x.typed_data() + r * d;
-    float* __restrict out = y->typed_data() + r * d;
-    const float m = sum16(in, d) / d;
-    const float s = 1.0f / std::sqrt(sum16_sq(in, m, d) / d + eps);
-    for (size_t i = 0; i < d; ++i) out[i] = (in[i] - m) * s * w[i] + b[i];
-    mean->typed_data()[r] = m;
-    rstd->typed_data()[r] = s;
-  }
+  const float* x_data = x.typed_data();
+  float *y_data = y->typed_data(), *means = mean->typed_data(), *rstds = rstd->typed_data();
+  parallel_for(pool, rows, rows_per_chunk(d), [=](size_t row_begin, size_t row_end) {
+    for (size_t r = row_begin; r < row_end; ++r) {
+      const float* __restrict in = x_data + r * d;
+      float* __restrict out = y_data + r * d;
+      // The reductions by omp simd (-fopenmp-simd): vector partial sums, as XLA's reduce.
+      float sum = 0.0f, sum_sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (size_t i = 0; i < d; ++i) sum += in[i];
+      const float m = sum / d;
+#pragma omp simd reduction(+ : sum_sq)
+      for (size_t i = 0; i < d; ++i) sum_sq += (in[i] - m) * (in[i] - m);
+      const float s = 1.0f / std::sqrt(sum_sq / d + eps);
+#pragma omp simd
+      for (size_t i = 0; i < d; ++i) out[i] = (in[i] - m) * s * w[i] + b[i];
+      means[r] = m;
+      rstds[r] = s;
+    }
+  });
   return ffi::Error::Success();
 }
 
 // The gradient of LayerNorm: with xh = (x - mean) * rstd and g = dy * scale,
 // dx = rstd * (g - mean(g) - xh * mean(g * xh)); dscale = sum over rows of dy * xh; dbias = sum of dy.
-ffi::Error LayerNormGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
-                         ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
-                         ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
+// Each chunk of rows sums its own dscale and dbias, added up at the end.
+ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
+                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                         ffi::ResultBuffer<ffi::F32> dbias) {
   const size_t d = scale.element_count(), rows = d ? x.element_count() / d : 0;
+  const size_t chunk = rows_per_chunk(d), chunks = (rows + chunk - 1) / chunk;
+  std::vector<float> partials(chunks * 2 * d, 0.0f);  // per chunk: dscale, then dbias
   const float* __restrict w = scale.typed_data();
+  const float *x_data = x.typed_data(), *dy_data = dy.typed_data();
+  const float *means = mean.typed_data(), *rstds = rstd.typed_data();
+  float *dx_data = dx->typed_data(), *partial_data = partials.data();
+  parallel_for(pool, rows, chunk, [=](size_t row_begin, size_t row_end) {
+    float* __restrict dw = partial_data + row_begin / chunk * 2 * d;
+    float* __restrict db = dw + d;
+    for (size_t r = row_begin; r < row_end; ++r) {
+      const float* __restrict in = x_data + r * d;
+      const float* __restrict g = dy_data + r * d;
+      float* __restrict out = dx_data + r * d;
+      const float m = means[r], s = rstds[r];
+      float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (size_t i = 0; i < d; ++i) {
+        const float gw = g[i] * w[i];
+        sum_g += gw;
+        sum_gx += gw * (in[i] - m) * s;
+      }
+      const float mean_g = sum_g / d, mean_gx = sum_gx / d;
+#pragma omp simd
+      for (size_t i = 0; i < d; ++i) {
+        const float xh = (in[i] - m) * s;
+        out[i] = s * (g[i] * w[i] - mean_g - xh * mean_gx);
+        dw[i] += g[i] * xh;
+        db[i] += g[i];
+      }
+    }
+  });
   float* __restrict dw = dscale->typed_data();
   float* __restrict db = dbias->typed_data();
-  for (size_t i = 0; i < d; ++i) dw[i] = db[i] = 0.0f;
-  for (size_t r = 0; r < rows; ++r) {
-    const float* __restrict in = x.typed_data() + r * d;
-    const float* __restrict g = dy.typed_data() + r * d;
-    float* __restrict out = dx->typed_data() + r * d;
-    const float m = mean.typed_data()[r], s = rstd.typed_data()[r];
-    float lanes_g[16] = {}, lanes_gx[16] = {};
-    size_t i = 0;
-    for (; i + 16 <= d; i += 16)
-      for (int l = 0; l < 16; ++l) {
-        const float xh = (in[i + l] - m) * s, gw = g[i + l] * w[i + l];
-        lanes_g[l] += gw;
-        lanes_gx[l] += gw * xh;
-      }
-    float sum_g = 0.0f, sum_gx = 0.0f;
-    for (; i < d; ++i) {
-      const float xh = (in[i] - m) * s, gw = g[i] * w[i];
-      sum_g += gw;
-      sum_gx += gw * xh;
-    }
-    for (int l = 0; l < 16; ++l) sum_g += lanes_g[l], sum_gx += lanes_gx[l];
-    const float mean_g = sum_g / d, mean_gx = sum_gx / d;
-    for (i = 0; i < d; ++i) {
-      const float xh = (in[i] - m) * s;
-      out[i] = s * (g[i] * w[i] - mean_g - xh * mean_gx);
-      dw[i] += g[i] * xh;
-      db[i] += g[i];
+  std::fill(dw, dw + d, 0.0f);
+  std::fill(db, db + d, 0.0f);
+  for (size_t c = 0; c < chunks; ++c) {
+    const float* __restrict partial = partial_data + c * 2 * d;
+#pragma omp simd
+    for (size_t i = 0; i < d; ++i) {
+      dw[i] += partial[i];
+      db[i] += partial[d + i];
     }
   }
   return ffi::Error::Success();
@@ -203,6 +208,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxSiluAndSigmoid, SiluAndSigmoid,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxLayerNorm, LayerNorm,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -212,6 +218,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxLayerNorm, LayerNorm,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxLayerNormGrad, LayerNormGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -33,7 +33,7 @@ import numpy as np
 from ddpm_jax import runtime
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd", "-w")
 _SILU, _SILU_AND_SIGMOID, _SILU_GRAD = "ddpm_jax_silu", "ddpm_jax_silu_and_sigmoid", "ddpm_jax_silu_grad"
 _LAYER_NORM, _LAYER_NORM_GRAD = "ddpm_jax_layer_norm", "ddpm_jax_layer_norm_grad"
 
