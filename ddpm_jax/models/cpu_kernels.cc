@@ -2,7 +2,8 @@
 // (ddpm_jax/models/cpu_kernels.py builds and registers them). XLA:CPU's loop emitter vectorises
 // an elementwise fusion that holds a broadcast (a bias, a constant, a per-example mean) along its
 // innermost dimension only: a few lanes for this project's 10- and 20-channel activations. These
-// loops run over flat buffers; gcc -O3 -march=native vectorises every one of them.
+// loops run over flat buffers; gcc -O3 -march=native with cpu_kernels.py's flags vectorises every
+// one of them, on AVX2 and AVX-512 (check with -fopt-info-vec).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
