@@ -38,6 +38,26 @@ def test_silu_and_its_gradient_match_jax_nn_silu_to_float_rounding():
 
 
 @needs_kernels
+def test_silu_of_x_plus_a_bias_and_its_gradients_match_jax():
+    # A layer's bias and SiLU in one kernel: the bias runs along the last axis (10 channels: runs of 160)
+    x = values()
+    bias = jnp.asarray(np.random.default_rng(2).normal(scale=3.0, size=(10,)).astype(np.float32))
+    reference = lambda x, b: jax.nn.silu(x + b)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(cpu_kernels.silu)(x, bias), reference(x, bias), rtol=1e-6, atol=1e-6)
+
+    def loss(silu):
+        return lambda x, b: jnp.sum(jnp.sin(silu(x, b)))
+
+    grads = jax.jit(jax.grad(loss(cpu_kernels.silu), argnums=(0, 1)))(x, bias)
+    for got, want in zip(grads, jax.grad(loss(reference), argnums=(0, 1))(x, bias)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    biases = jnp.stack([bias, -bias, 2 * bias])  # one bias per example, too
+    for in_axes, b in (((0, None), bias), ((0, 0), biases)):
+        np.testing.assert_allclose(jax.vmap(cpu_kernels.silu, in_axes)(x, b), jax.vmap(reference, in_axes)(x, b),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
 def test_the_article_unet_on_the_cpu_calls_the_kernel():
     """The model really takes the kernel's path (not jax.nn.silu's) when it is available."""
     from ddpm_jax.config import base_config
@@ -47,7 +67,7 @@ def test_the_article_unet_on_the_cpu_calls_the_kernel():
     x, t = jnp.zeros((2, 28, 28, 1)), jnp.zeros((2,), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), x, t)
     hlo = jax.jit(model.apply).lower(params, x, t).compile().as_text()
-    assert cpu_kernels._SILU in hlo
+    assert cpu_kernels._SILU in hlo and cpu_kernels._BIAS_SILU in hlo
 
 
 def test_other_dtypes_and_a_disabled_kernel_use_jax_nn_silu(monkeypatch):

@@ -166,6 +166,29 @@ def test_stride_two_transposed_conv_equals_the_input_dilated_form(size, channels
                           article_unet.StrideTwoConvTranspose(channels), x)
 
 
+@pytest.mark.parametrize("kernel, strides, padding, silu", [(3, 1, 1, True), (4, 2, 1, False), (2, 1, 0, True)])
+def test_article_conv_is_nn_conv_and_its_silu_fused(kernel, strides, padding, silu):
+    # The article U-Net's Conv: nn.Conv's parameters, names and init (PyTorch's), and with
+    # silu=True the bias and SiLU in one kernel: the same function and gradients as nn.Conv -> SiLU.
+    from ddpm_jax.models import article_unet
+
+    init = article_unet._torch_uniform(10 * kernel * kernel)
+
+    class Direct(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Conv(20, (kernel, kernel), strides, padding=((padding, padding),) * 2, kernel_init=init,
+                        bias_init=init)(x)
+            return jax.nn.silu(y) if silu else y
+
+    class Ours(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return article_unet.Conv(20, kernel, strides, padding, silu=silu)(x)
+
+    _assert_same_function(Direct(), Ours(), jax.random.normal(jax.random.key(4), (2, 14, 14, 10)))
+
+
 # ------------------------------------------------ numerical parity with the article's PyTorch model
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

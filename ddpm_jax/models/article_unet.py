@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from ddpm_jax.models.convs import stride_two_conv
 from ddpm_jax.models.cpu_kernels import layer_norm, silu
@@ -46,13 +47,29 @@ def _torch_uniform(fan_in: int):
     return init
 
 
-def _conv(features: int, in_features: int, kernel: int, stride: int = 1, padding: int = 0, name=None) -> nn.Conv:
-    """PyTorch's Conv2d(k, s, p). Stride 2 is computed at stride 1 (convs.stride_two_conv: the
-    same sums, faster on XLA:CPU)."""
-    fan_in = in_features * kernel * kernel
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((padding, padding), (padding, padding)),
-                   kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in), name=name,
-                   conv_general_dilated=stride_two_conv)
+class Conv(nn.Module):
+    """PyTorch's Conv2d(kernel_size, strides, padding) with its default init, as nn.Conv: the same
+    parameters ('kernel' (k, k, C, O), 'bias' (O,)), created in the same order, so the same init.
+    silu=True returns SiLU(conv + bias), the bias and the activation in one pass
+    (cpu_kernels.silu(y, bias): XLA:CPU adds a 10- or 20-channel bias slowly). Stride 2 is
+    computed at stride 1 (convs.stride_two_conv: the same sums, faster on XLA:CPU)."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    silu: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        k, p = self.kernel_size, self.padding
+        init = _torch_uniform(x.shape[-1] * k * k)
+        kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", init, (self.features,))
+        x, kernel, bias = promote_dtype(x, kernel, bias)
+        y = stride_two_conv(x, kernel, (self.strides, self.strides), ((p, p), (p, p)),
+                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return silu(y, bias) if self.silu else y + bias
 
 
 def _conv_transpose(features: int, kernel: int, stride: int, padding: int, name=None) -> nn.ConvTranspose:
@@ -130,17 +147,15 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         norm = LayerNorm()
-        conv1 = _conv(self.features, x.shape[-1], 3, padding=1)
         if self.norm_after_conv:
-            x = silu(norm(conv1(x)))
+            x = silu(norm(Conv(self.features, 3, padding=1)(x)))
         else:
             normed = norm(x)
             # The article builds the LayerNorm even where it does not apply it (the
             # very last block): its parameters exist, count, and never get a gradient.
             # Keeping them keeps the parameter count (506,852) and a 1:1 map to its state dict.
-            x = silu(conv1(normed if self.normalize else x))
-        x = silu(_conv(self.features, self.features, 3, padding=1)(x))
-        return x
+            x = Conv(self.features, 3, padding=1, silu=True)(normed if self.normalize else x)
+        return Conv(self.features, 3, padding=1, silu=True)(x)
 
 
 class TimeMLP(nn.Module):
@@ -186,11 +201,11 @@ class ArticleUNet(nn.Module):
         out_channels = x.shape[-1]
 
         out1 = self._level(x, emb, (10, 10, 10), "b1", norm_after_conv_first=not self.normalize_input)  # (B, 28, 28, 10)
-        out2 = self._level(_conv(10, 10, 4, 2, 1, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
-        out3 = self._level(_conv(20, 20, 4, 2, 1, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
+        out2 = self._level(Conv(10, 4, 2, 1, name="down1")(out1), emb, (20, 20, 20), "b2")  # (B, 14, 14, 20)
+        out3 = self._level(Conv(20, 4, 2, 1, name="down2")(out2), emb, (40, 40, 40), "b3")  # (B, 7, 7, 40)
 
-        h = silu(_conv(40, 40, 2, name="down3_a")(out3))  # (B, 6, 6, 40)
-        h = _conv(40, 40, 4, 2, 1, name="down3_b")(h)  # (B, 3, 3, 40)
+        h = Conv(40, 2, silu=True, name="down3_a")(out3)  # (B, 6, 6, 40)
+        h = Conv(40, 4, 2, 1, name="down3_b")(h)  # (B, 3, 3, 40)
         mid = self._level(h, emb, (20, 20, 40), "b_mid")  # (B, 3, 3, 40)
 
         h = silu(StrideTwoConvTranspose(40, name="up1_a")(mid))  # (B, 6, 6, 40)
@@ -202,4 +217,4 @@ class ArticleUNet(nn.Module):
 
         h = StrideTwoConvTranspose(10, name="up3")(out5)  # (B, 28, 28, 10)
         out = self._level(jnp.concatenate([out1, h], -1), emb, (10, 10, 10), "b_out", normalize_last=False)
-        return _conv(out_channels, 10, 3, padding=1, name="conv_out")(out)  # (B, 28, 28, C)
+        return Conv(out_channels, 3, padding=1, name="conv_out")(out)  # (B, 28, 28, C)

@@ -69,30 +69,73 @@ void parallel_for(ffi::ThreadPool& pool, size_t n, size_t chunk, Body body) {
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// y = x * sigmoid(x).
-ffi::Error Silu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
-  const float* __restrict in = x.typed_data();
-  float* __restrict out = y->typed_data();
-  parallel_for(pool, x.element_count(), kChunk, [in, out](size_t begin, size_t end) {
-    for (size_t i = begin; i < end; ++i) out[i] = in[i] / (1.0f + exp_approx(-in[i]));
+// Runs body(i, n, tile) over [0, size) in runs of n <= channels * 16 elements starting at
+// multiples of that (on the pool, as parallel_for): `tile` holds the bias, repeated to the same
+// length, so tile[k] is the bias of element i + k (the bias runs along the last axis) and a
+// loop over a run vectorises whatever the channel count.
+template <typename Body>
+void for_each_run(ffi::ThreadPool& pool, size_t size, const float* bias, size_t channels, Body body) {
+  const size_t run = std::max<size_t>(1, channels) * 16;
+  std::vector<float> tile(run);
+  for (size_t k = 0; k < run; ++k) tile[k] = bias[k % channels];
+  const float* tile_data = tile.data();  // the helper task finds no chunk left once this returns
+  parallel_for(pool, size, std::max<size_t>(1, kChunk / run) * run, [=](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; i += run) body(i, std::min(run, end - i), tile_data);
+  });
+}
+
+constexpr float kNoBias[1] = {0.0f};
+
+// y = z * sigmoid(z) with z = x + bias.
+ffi::Error BiasSilu(ffi::ThreadPool& pool, const float* x, size_t size, const float* bias, size_t channels,
+                    float* y) {
+  for_each_run(pool, size, bias, channels, [x, y](size_t i, size_t n, const float* __restrict tile) {
+    const float* __restrict in = x + i;
+    float* __restrict out = y + i;
+    for (size_t k = 0; k < n; ++k) {
+      const float z = in[k] + tile[k];
+      out[k] = z / (1.0f + exp_approx(-z));
+    }
   });
   return ffi::Error::Success();
 }
 
-// y = x * sigmoid(x) and sigmoid(x), which the gradient needs: dy/dx = s + y (1 - s).
-ffi::Error SiluAndSigmoid(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
-                          ffi::ResultBuffer<ffi::F32> s) {
-  const float* __restrict in = x.typed_data();
-  float* __restrict out = y->typed_data();
-  float* __restrict sig = s->typed_data();
-  parallel_for(pool, x.element_count(), kChunk, [in, out, sig](size_t begin, size_t end) {
-    for (size_t i = begin; i < end; ++i) {
-      const float sigmoid = 1.0f / (1.0f + exp_approx(-in[i]));
-      sig[i] = sigmoid;
-      out[i] = in[i] * sigmoid;
+// y = z * sigmoid(z) and sigmoid(z), which the gradient needs: dy/dz = s + y (1 - s).
+ffi::Error BiasSiluAndSigmoid(ffi::ThreadPool& pool, const float* x, size_t size, const float* bias,
+                              size_t channels, float* y, float* s) {
+  for_each_run(pool, size, bias, channels, [x, y, s](size_t i, size_t n, const float* __restrict tile) {
+    const float* __restrict in = x + i;
+    float* __restrict out = y + i;
+    float* __restrict sig = s + i;
+    for (size_t k = 0; k < n; ++k) {
+      const float z = in[k] + tile[k], sigmoid = 1.0f / (1.0f + exp_approx(-z));
+      sig[k] = sigmoid;
+      out[k] = z * sigmoid;
     }
   });
   return ffi::Error::Success();
+}
+
+// The FFI's entry points: SiLU alone, and SiLU of x + bias (bias: the last axis's size).
+ffi::Error Silu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  return BiasSilu(pool, x.typed_data(), x.element_count(), kNoBias, 1, y->typed_data());
+}
+
+ffi::Error SiluAndSigmoid(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                          ffi::ResultBuffer<ffi::F32> s) {
+  return BiasSiluAndSigmoid(pool, x.typed_data(), x.element_count(), kNoBias, 1, y->typed_data(), s->typed_data());
+}
+
+ffi::Error BiasSiluEntry(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  return BiasSilu(pool, x.typed_data(), x.element_count(), bias.typed_data(), bias.element_count(),
+                  y->typed_data());
+}
+
+ffi::Error BiasSiluAndSigmoidEntry(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> s) {
+  return BiasSiluAndSigmoid(pool, x.typed_data(), x.element_count(), bias.typed_data(), bias.element_count(),
+                            y->typed_data(), s->typed_data());
 }
 
 // The gradient of SiLU from its outputs: dx = dy * (s + y * (1 - s)).
@@ -204,6 +247,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxSilu, Silu,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxSiluAndSigmoid, SiluAndSigmoid,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxBiasSilu, BiasSiluEntry,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxBiasSiluAndSigmoid, BiasSiluAndSigmoidEntry,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -39,6 +39,7 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
           "-fopenmp-simd", "-w")
 _SILU, _SILU_AND_SIGMOID, _SILU_GRAD = "ddpm_jax_silu", "ddpm_jax_silu_and_sigmoid", "ddpm_jax_silu_grad"
+_BIAS_SILU, _BIAS_SILU_AND_SIGMOID = "ddpm_jax_bias_silu", "ddpm_jax_bias_silu_and_sigmoid"
 _LAYER_NORM, _LAYER_NORM_GRAD = "ddpm_jax_layer_norm", "ddpm_jax_layer_norm_grad"
 
 
@@ -109,6 +110,8 @@ def available() -> bool:
     for name, symbol, per_example in ((_SILU, library.DdpmJaxSilu, True),
                                       (_SILU_AND_SIGMOID, library.DdpmJaxSiluAndSigmoid, True),
                                       (_SILU_GRAD, library.DdpmJaxSiluGrad, True),
+                                      (_BIAS_SILU, library.DdpmJaxBiasSilu, True),
+                                      (_BIAS_SILU_AND_SIGMOID, library.DdpmJaxBiasSiluAndSigmoid, True),
                                       (_LAYER_NORM, library.DdpmJaxLayerNorm, True),
                                       (_LAYER_NORM_GRAD, library.DdpmJaxLayerNormGrad, False)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -156,12 +159,42 @@ def _silu_backward(residuals, dy):
 _silu.defvjp(_silu_forward, _silu_backward)
 
 
-def silu(x: jax.Array) -> jax.Array:
-    """x * sigmoid(x), elementwise; the compiled kernel for float32 on the CPU when available."""
-    if x.dtype != jnp.float32 or not available():
-        return jax.nn.silu(x)
+def _kernel_bias_silu(x, bias):
+    # vmap: one call per example (the kernel takes the channel count from the bias's size)
+    return jax.ffi.ffi_call(_BIAS_SILU, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")(x, bias)
+
+
+def _kernel_bias_silu_and_sigmoid(x, bias):
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return tuple(jax.ffi.ffi_call(_BIAS_SILU_AND_SIGMOID, (out, out), vmap_method="sequential")(x, bias))
+
+
+@jax.custom_vjp
+def _bias_silu(x, bias):
+    return jax.lax.platform_dependent(x, bias, cpu=_kernel_bias_silu, default=lambda x, b: jax.nn.silu(x + b))
+
+
+def _bias_silu_forward(x, bias):
+    y, s = jax.lax.platform_dependent(x, bias, cpu=_kernel_bias_silu_and_sigmoid,
+                                      default=lambda x, b: _jax_silu_and_sigmoid(x + b))
+    return y, (y, s)
+
+
+def _bias_silu_backward(residuals, dy):
+    (dz,) = _silu_backward(residuals, dy)
+    return dz, jnp.sum(dz, axis=tuple(range(dz.ndim - 1)))
+
+
+_bias_silu.defvjp(_bias_silu_forward, _bias_silu_backward)
+
+
+def silu(x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x * sigmoid(x), elementwise, or SiLU of x + bias with bias (C,) along x's last axis (a
+    layer's bias and activation in one pass); the compiled kernel for float32 on the CPU when available."""
+    if x.dtype != jnp.float32 or not available() or (bias is not None and bias.dtype != jnp.float32):
+        return jax.nn.silu(x if bias is None else x + bias)
     with jax.named_scope("silu"):  # names the kernel's ops as jax.nn.silu's are (benchmarks/step_profile.py)
-        return _silu(x)
+        return _silu(x) if bias is None else _bias_silu(x, bias)
 
 
 def _kernel_layer_norm(x, scale, bias, eps):
