@@ -3,7 +3,8 @@
     python benchmarks/elementwise.py [--batch 128] [--rounds 9] [--json out.json]
 
 Times jax.nn.silu and cpu_kernels.silu on the article U-Net's activation shapes (and the
-same elements flat), and the article's LayerNorm over (H, W, C) forward and forward + backward,
+same elements flat), a convolution's bias and SiLU (XLA's add and jax.nn.silu against
+cpu_kernels.silu(x, bias)), and the article's LayerNorm over (H, W, C) forward and forward + backward,
 XLA's (plain JAX) against cpu_kernels.layer_norm. Prints ms per million elements (the minimum
 and the median over `--rounds` interleaved rounds). On the CPU only; the kernels need a C++
 compiler (ddpm_jax/models/cpu_kernels.py).
@@ -44,6 +45,10 @@ def main():
         label = "x".join(map(str, (args.batch, *shape)))
         cases[f"silu {label} xla"] = (jax.jit(jax.nn.silu), (x,), x.size)
         cases[f"silu {label} kernel"] = (jax.jit(cpu_kernels.silu), (x,), x.size)
+        if len(shape) == 3:  # a convolution's bias and SiLU: XLA's add and SiLU, or one kernel
+            bias = jnp.asarray(rng.normal(size=shape[-1:]).astype(np.float32))
+            cases[f"silu(x + bias) {label} xla"] = (jax.jit(lambda x, b: jax.nn.silu(x + b)), (x, bias), x.size)
+            cases[f"silu(x + bias) {label} kernel"] = (jax.jit(cpu_kernels.silu), (x, bias), x.size)
     x = jnp.asarray(rng.normal(size=(args.batch, 28, 28, 10)).astype(np.float32))
     scale, bias = jnp.ones((28, 28, 10)), jnp.zeros((28, 28, 10))
     xla_norm = lambda x, s, b: cpu_kernels._jax_layer_norm(x, s, b, 1e-5)[0]  # noqa: E731

@@ -1,7 +1,7 @@
 """SiLU and LayerNorm as compiled CPU kernels through the XLA FFI, where XLA:CPU's own code is slow.
 
-`silu(x)` is jax.nn.silu's function and `layer_norm(x, scale, bias, eps)` torch.nn.LayerNorm's,
-each with its gradient. On the CPU, for float32, they call the loops in `cpu_kernels.cc`
+`silu(x)` is jax.nn.silu's function (`silu(x, bias)`: of x + bias, a layer's bias added in the
+same pass) and `layer_norm(x, scale, bias, eps)` torch.nn.LayerNorm's, each with its gradients. On the CPU, for float32, they call the loops in `cpu_kernels.cc`
 (forward and backward), which this module compiles once with the system's C++ compiler into
 ~/.cache/ddpm_jax/kernels (or $XDG_CACHE_HOME/ddpm_jax/kernels) and registers with XLA.
 Anywhere else (GPU, TPU, bfloat16), and wherever no compiler is found or the build fails
