@@ -51,6 +51,8 @@ def test_silu_of_x_plus_a_bias_and_its_gradients_match_jax():
     grads = jax.jit(jax.grad(loss(cpu_kernels.silu), argnums=(0, 1)))(x, bias)
     for got, want in zip(grads, jax.grad(loss(reference), argnums=(0, 1))(x, bias)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for empty in (jnp.zeros((2, 0, 10)), jnp.zeros((2, 3, 0))):
+        assert jax.jit(cpu_kernels.silu)(empty, jnp.zeros(empty.shape[-1:])).shape == empty.shape
     biases = jnp.stack([bias, -bias, 2 * bias])  # one bias per example, too
     for in_axes, b in (((0, None), bias), ((0, 0), biases)):
         np.testing.assert_allclose(jax.vmap(cpu_kernels.silu, in_axes)(x, b), jax.vmap(reference, in_axes)(x, b),

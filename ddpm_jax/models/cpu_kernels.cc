@@ -75,7 +75,8 @@ void parallel_for(ffi::ThreadPool& pool, size_t n, size_t chunk, Body body) {
 // loop over a run vectorises whatever the channel count.
 template <typename Body>
 void for_each_run(ffi::ThreadPool& pool, size_t size, const float* bias, size_t channels, Body body) {
-  const size_t run = std::max<size_t>(1, channels) * 16;
+  if (size == 0 || channels == 0) return;  // an empty array (no channels: no elements)
+  const size_t run = channels * 16;
   std::vector<float> tile(run);
   for (size_t k = 0; k < run; ++k) tile[k] = bias[k % channels];
   const float* tile_data = tile.data();  // the helper task finds no chunk left once this returns
