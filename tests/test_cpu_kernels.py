@@ -1,6 +1,7 @@
 """The compiled CPU SiLU (ddpm_jax/models/cpu_kernels.py) against jax.nn.silu, and its fallbacks."""
 
 import ctypes
+import functools
 import logging
 import shutil
 
@@ -69,7 +70,50 @@ def test_the_article_unet_on_the_cpu_calls_the_kernel():
     x, t = jnp.zeros((2, 28, 28, 1)), jnp.zeros((2,), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), x, t)
     hlo = jax.jit(model.apply).lower(params, x, t).compile().as_text()
-    assert cpu_kernels._SILU in hlo and cpu_kernels._BIAS_SILU in hlo
+    assert cpu_kernels._SILU in hlo and cpu_kernels._BIAS_SILU in hlo and cpu_kernels._CONV in hlo
+    assert " convolution(" not in hlo  # every convolution of the model runs in the kernel
+
+
+# Kernel size, padding, image (B, H, W), channels in and out. On AVX2 (AVX-512) 40 output channels
+# are five (three) vectors, two tile groups (one); 160 are five (three) groups. Nine images: the
+# kernel gradient sums them in nine chunks on the pool.
+@needs_kernels
+@pytest.mark.parametrize("kernel, padding, shape, c, o", [
+    (3, 1, (9, 28, 28), 10, 10), (3, 1, (2, 7, 5), 20, 40), (2, 0, (3, 6, 6), 40, 40), (2, 1, (2, 6, 6), 40, 40),
+    (3, 0, (2, 5, 4), 1, 1), (3, 1, (2, 3, 3), 40, 160), (1, 0, (2, 4, 4), 3, 70), (4, 2, (1, 3, 5), 2, 9)])
+def test_conv_and_its_gradients_match_lax(kernel, padding, shape, c, o):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=shape + (c,)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, c, o)).astype(np.float32))
+    reference = functools.partial(cpu_kernels._xla_conv, padding=padding)
+    ours = functools.partial(cpu_kernels.conv, padding=padding)
+    want = reference(x, w)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(jax.jit(ours)(x, w), want, rtol=0, atol=2e-6 * scale)
+
+    cotangent = jnp.asarray(rng.normal(size=want.shape).astype(np.float32))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(conv(x, w) * cotangent)
+
+    got_grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+    for got, want_grad in zip(got_grads, jax.grad(loss(reference), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(got, want_grad, rtol=0, atol=2e-6 * float(jnp.abs(want_grad).max()))
+
+
+@needs_kernels
+def test_conv_under_vmap_and_on_empty_batches():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 4)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)).astype(np.float32))
+    for in_axes, kernel in (((0, None), w[0]), ((0, 0), w)):  # one kernel for all, or one each
+        np.testing.assert_allclose(jax.vmap(functools.partial(cpu_kernels.conv, padding=1), in_axes)(x, kernel),
+                                   jax.vmap(functools.partial(cpu_kernels._xla_conv, padding=1), in_axes)(x, kernel),
+                                   rtol=1e-5, atol=1e-5)
+    empty = jnp.zeros((0, 6, 6, 4))
+    assert jax.jit(functools.partial(cpu_kernels.conv, padding=1))(empty, w[0]).shape == (0, 6, 6, 5)
+    grad = jax.grad(lambda w: jnp.sum(cpu_kernels.conv(empty, w, 1)))(w[0])
+    assert grad.shape == w[0].shape and not jnp.any(grad)
 
 
 def test_other_dtypes_and_a_disabled_kernel_use_jax_nn_silu(monkeypatch):

@@ -155,6 +155,17 @@ def test_stride_two_conv_equals_the_strided_form(kernel, padding, size, channels
     assert strided == [1, 0]  # no strided convolution is left
 
 
+def _flax_conv_transpose(features: int, kernel: int, stride: int, padding: int) -> nn.ConvTranspose:
+    """PyTorch's ConvTranspose2d(kernel, stride, padding) with its init, as nn.ConvTranspose runs it
+    (lax.conv_transpose pads the stride-dilated input by k - 1 - p; PyTorch's fan_in is the output's)."""
+    from ddpm_jax.models import article_unet
+
+    pad = kernel - 1 - padding
+    init = article_unet._torch_uniform(features * kernel * kernel)
+    return nn.ConvTranspose(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                            transpose_kernel=True, kernel_init=init, bias_init=init)
+
+
 @pytest.mark.parametrize("size, channels", [(7, 20), (3, 40)])
 def test_stride_two_transposed_conv_equals_the_input_dilated_form(size, channels):
     # The up path's ConvTranspose2d(4, 2, 1) as one stride-1 3x3 convolution over the four
@@ -162,8 +173,18 @@ def test_stride_two_transposed_conv_equals_the_input_dilated_form(size, channels
     from ddpm_jax.models import article_unet
 
     x = jax.random.normal(jax.random.key(4), (2, size, size, channels))
-    _assert_same_function(article_unet._conv_transpose(channels, 4, 2, 1),
-                          article_unet.StrideTwoConvTranspose(channels), x)
+    _assert_same_function(_flax_conv_transpose(channels, 4, 2, 1), article_unet.StrideTwoConvTranspose(channels), x)
+
+
+@pytest.mark.parametrize("kernel, padding", [(2, 0), (3, 1), (3, 0)])
+def test_stride_one_transposed_conv_is_nn_conv_transpose(kernel, padding):
+    # up1_b's ConvTranspose2d(2, 1, 0) as a convolution with the flipped kernel (cpu_kernels.conv):
+    # nn.ConvTranspose's parameters and init, the same function and gradients.
+    from ddpm_jax.models import article_unet
+
+    x = jax.random.normal(jax.random.key(4), (2, 6, 6, 12))
+    _assert_same_function(_flax_conv_transpose(20, kernel, 1, padding),
+                          article_unet.StrideOneConvTranspose(20, kernel, padding), x)
 
 
 @pytest.mark.parametrize("kernel, strides, padding, silu", [(3, 1, 1, True), (4, 2, 1, False), (2, 1, 0, True)])

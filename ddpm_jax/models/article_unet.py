@@ -19,7 +19,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from ddpm_jax.models.convs import stride_two_conv
-from ddpm_jax.models.cpu_kernels import layer_norm, silu
+from ddpm_jax.models.cpu_kernels import conv, layer_norm, silu
 
 
 def article_sinusoidal_table(n_steps: int, dim: int) -> np.ndarray:
@@ -67,23 +67,32 @@ class Conv(nn.Module):
         kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
         x, kernel, bias = promote_dtype(x, kernel, bias)
-        y = stride_two_conv(x, kernel, (self.strides, self.strides), ((p, p), (p, p)),
-                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.strides == 1:
+            y = conv(x, kernel, p)
+        else:
+            y = stride_two_conv(x, kernel, (self.strides, self.strides), ((p, p), (p, p)),
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return silu(y, bias) if self.silu else y + bias
 
 
-def _conv_transpose(features: int, kernel: int, stride: int, padding: int, name=None) -> nn.ConvTranspose:
-    """PyTorch's ConvTranspose2d(k, s, p): out = (in - 1) s - 2p + k.
+class StrideOneConvTranspose(nn.Module):
+    """PyTorch's ConvTranspose2d(k, stride=1, padding=p): out = in + k - 1 - 2p, with
+    nn.ConvTranspose(transpose_kernel=True)'s parameters (kernel (k, k, O, C), bias (O,), in that
+    order) and PyTorch's init (fan_in from the output channels). At stride 1 it is the convolution
+    with the kernel flipped in space and its channel axes swapped, padded by k - 1 - p."""
 
-    lax.conv_transpose pads the stride-dilated input, so PyTorch's p becomes
-    k - 1 - p; transpose_kernel=True gives PyTorch's exact semantics (the
-    gradient of a conv), and PyTorch takes fan_in from the output channels.
-    """
-    pad = kernel - 1 - padding
-    fan_in = features * kernel * kernel
-    return nn.ConvTranspose(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                            transpose_kernel=True, kernel_init=_torch_uniform(fan_in),
-                            bias_init=_torch_uniform(fan_in), name=name)
+    features: int
+    kernel_size: int
+    padding: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        init = _torch_uniform(self.features * k * k)
+        kernel = self.param("kernel", init, (k, k, self.features, x.shape[-1]))
+        bias = self.param("bias", init, (self.features,))
+        x, kernel, bias = promote_dtype(x, kernel, bias)
+        return conv(x, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), k - 1 - self.padding) + bias
 
 
 # PyTorch's ConvTranspose2d(k=4, stride=2, padding=1) along one axis: output 2m + r takes input
@@ -116,8 +125,7 @@ class StrideTwoConvTranspose(nn.Module):
         cols = _SUBPIXEL_TAPS[None, None, :, :]  # (1, 1, s, v)
         taps = taps[rows, cols]  # (r, u, s, v, O, C)
         taps = taps.transpose(1, 3, 5, 0, 2, 4).reshape(3, 3, c, 4 * self.features)  # (u, v, C, (r, s, O))
-        y = jax.lax.conv_general_dilated(x, taps, (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv(x, taps, 1)
         y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
         return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
@@ -209,7 +217,7 @@ class ArticleUNet(nn.Module):
         mid = self._level(h, emb, (20, 20, 40), "b_mid")  # (B, 3, 3, 40)
 
         h = silu(StrideTwoConvTranspose(40, name="up1_a")(mid))  # (B, 6, 6, 40)
-        h = _conv_transpose(40, 2, 1, 0, name="up1_b")(h)  # (B, 7, 7, 40)
+        h = StrideOneConvTranspose(40, 2, name="up1_b")(h)  # (B, 7, 7, 40)
         out4 = self._level(jnp.concatenate([out3, h], -1), emb, (40, 20, 20), "b4")  # (B, 7, 7, 20)
 
         h = StrideTwoConvTranspose(20, name="up2")(out4)  # (B, 14, 14, 20)

@@ -241,6 +241,223 @@ ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// A stride-1 convolution with a square k x k kernel and p pixels of zero padding on every side,
+// NHWC input (B, H, W, C), HWIO kernel (k, k, C, O), no bias: XLA:CPU runs convolutions of 10-40
+// channels at a fraction of the vector unit's rate (benchmarks/conv_layers.py). Direct form: each
+// image is copied into a zero-bordered buffer of (H + 2p) x (W + 2p) pixels, in which output
+// pixel q = y (W + 2p) + x reads tap (ky, kx) at pixel q + ky (W + 2p) + kx: one loop over q
+// covers every row (the outputs at the k - 1 columns past each row's last are computed and
+// dropped). A tile of P pixels x G vectors of output channels stays in registers; per tap and
+// input channel it loads G kernel vectors and P input values (broadcast), then P x G vector
+// multiply-adds. Output channels are padded to whole vectors in the packed kernel.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kAccumulators = 24;  // of 32 vector registers
+#else
+constexpr int kLanes = 8;
+constexpr int kAccumulators = 12;  // of 16
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr int kMaxGroup = 4;  // vectors of output channels per tile
+
+// The shapes of a convolution and of its images' padded buffers.
+struct ConvGeometry {
+  size_t batch, height, width, c, o, k, pad;
+  size_t padded_width, out_height, out_width, q_end, vectors, groups;
+
+  ConvGeometry(size_t batch, size_t height, size_t width, size_t c, size_t o, size_t k, size_t pad)
+      : batch(batch), height(height), width(width), c(c), o(o), k(k), pad(pad), padded_width(width + 2 * pad),
+        out_height(height + 2 * pad + 1 - k), out_width(width + 2 * pad + 1 - k),
+        q_end((out_height - 1) * padded_width + out_width), vectors((o + kLanes - 1) / kLanes),
+        groups((vectors + kMaxGroup - 1) / kMaxGroup) {}
+
+  // Pixels of an image's buffer: the padded image, then zeros for a tile's reads past q_end.
+  size_t buffer_pixels() const { return (height + 2 * pad) * padded_width + kAccumulators; }
+
+  // Image b of x into its zeroed buffer (the borders stay zero).
+  void fill(float* buffer, const float* x, size_t b) const {
+    for (size_t row = 0; row < height; ++row)
+      std::memcpy(buffer + ((row + pad) * padded_width + pad) * c, x + (b * height + row) * width * c,
+                  width * c * sizeof(float));
+  }
+
+  size_t group_size(size_t g) const { return std::min<size_t>(kMaxGroup, vectors - g * kMaxGroup); }
+};
+
+template <int G, int P>
+void ConvRows(const ConvGeometry& geo, const float* __restrict in, const Vec* __restrict w, size_t channels,
+              float* __restrict out) {
+  const size_t c = geo.c, k = geo.k, padded_width = geo.padded_width;
+  for (size_t q = 0; q < geo.q_end; q += P) {
+    Vec acc[P][G] = {};
+    for (size_t ky = 0; ky < k; ++ky) {
+      for (size_t kx = 0; kx < k; ++kx) {
+        const float* __restrict x = in + (q + ky * padded_width + kx) * c;
+        const Vec* __restrict wt = w + (ky * k + kx) * c * G;
+        for (size_t ci = 0; ci < c; ++ci) {
+          Vec wv[G];
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g) wv[g] = wt[ci * G + g];
+#pragma GCC unroll 32
+          for (int p = 0; p < P; ++p) {
+            const float a = x[p * c + ci];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g) acc[p][g] += a * wv[g];
+          }
+        }
+      }
+    }
+    // The tile's real pixels (not past a row's end, nor past the last), this group's channels.
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p) {
+      const size_t pixel = q + p, y = pixel / padded_width, x = pixel % padded_width;
+      if (x >= geo.out_width || pixel >= geo.q_end) continue;
+      std::memcpy(out + (y * geo.out_width + x) * geo.o, &acc[p][0], channels * sizeof(float));
+    }
+  }
+}
+
+ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, int64_t padding,
+                ffi::ResultBuffer<ffi::F32> y) {
+  const auto dims = x.dimensions();
+  const auto kdims = kernel.dimensions();
+  if (dims.size() != 4 || kdims.size() != 4 || kdims[0] != kdims[1] || kdims[2] != dims[3] || padding < 0 ||
+      padding >= kdims[0] || dims[1] + 2 * padding < kdims[0] || dims[2] + 2 * padding < kdims[0])
+    return ffi::Error::InvalidArgument("conv: expects x (B, H, W, C), kernel (k, k, C, O), 0 <= padding < k");
+  const ConvGeometry geo(dims[0], dims[1], dims[2], dims[3], kdims[3], kdims[0], padding);
+  if (geo.batch * geo.out_height * geo.out_width * geo.o == 0) return ffi::Error::Success();
+  const size_t taps = geo.k * geo.k, c = geo.c, o = geo.o;
+  // The kernel per group of output channels, [group][tap][c][its vectors], zero past channel o.
+  std::vector<Vec> packed(taps * c * geo.vectors);
+  float* packed_floats = reinterpret_cast<float*>(packed.data());
+  std::fill(packed_floats, packed_floats + packed.size() * kLanes, 0.0f);
+  const float* w = kernel.typed_data();
+  for (size_t g = 0; g < geo.groups; ++g) {
+    const size_t first = g * kMaxGroup * kLanes, lanes = geo.group_size(g) * kLanes;
+    float* dst = packed_floats + taps * c * first;
+    for (size_t row = 0; row < taps * c; ++row)
+      for (size_t j = 0; j < lanes && first + j < o; ++j) dst[row * lanes + j] = w[row * o + first + j];
+  }
+  const float* x_data = x.typed_data();
+  float* y_data = y->typed_data();
+  const Vec* packed_data = packed.data();
+  parallel_for(pool, geo.batch, 1, [=](size_t begin, size_t end) {
+    std::vector<float> buffer(geo.buffer_pixels() * c, 0.0f);
+    for (size_t b = begin; b < end; ++b) {
+      geo.fill(buffer.data(), x_data, b);
+      float* out = y_data + b * geo.out_height * geo.out_width * o;
+      for (size_t g = 0; g < geo.groups; ++g) {
+        const size_t first = g * kMaxGroup * kLanes, channels = std::min(o - first, geo.group_size(g) * kLanes);
+        const Vec* wg = packed_data + taps * c * g * kMaxGroup;
+        switch (geo.group_size(g)) {
+          case 1: ConvRows<1, kAccumulators / 1>(geo, buffer.data(), wg, channels, out + first); break;
+          case 2: ConvRows<2, kAccumulators / 2>(geo, buffer.data(), wg, channels, out + first); break;
+          case 3: ConvRows<3, kAccumulators / 3>(geo, buffer.data(), wg, channels, out + first); break;
+          default: ConvRows<4, kAccumulators / 4>(geo, buffer.data(), wg, channels, out + first); break;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// R rows (tap, ci) of the kernel's gradient x G vectors of output channels, summed over an
+// image's pixels in registers, then added to dw (rows of `vectors` vectors).
+template <int G, int R>
+void ConvKernelGradRows(const float* __restrict in, size_t c, const int* __restrict offsets, const Vec* __restrict dy,
+                        size_t vectors, size_t q_end, Vec* __restrict dw) {
+  Vec acc[R][G] = {};
+  int off[R];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) off[r] = offsets[r];
+  for (size_t q = 0; q < q_end; ++q) {
+    const float* __restrict x = in + q * c;
+    Vec g[G];
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) g[j] = dy[q * vectors + j];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      const float a = x[off[r]];
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) acc[r][j] += a * g[j];
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) dw[r * vectors + j] += acc[r][j];
+}
+
+// The kernel's gradient of Conv: dw[ky, kx, ci, co] = sum over images and output pixels q of
+// x_padded[q + ky (W + 2p) + kx, ci] * dy[q, co], with dy laid out as Conv's q (zero at the
+// dropped columns). Blocks of R rows (tap, ci) x G vectors of output channels stay in registers
+// over an image's pixels; each chunk of images sums into its own partial kernel (added up at the
+// end), as LayerNormGrad.
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, int64_t size,
+                          int64_t padding, ffi::ResultBuffer<ffi::F32> dw) {
+  const auto dims = x.dimensions();
+  const auto ddims = dy.dimensions();
+  if (dims.size() != 4 || ddims.size() != 4 || padding < 0 || padding >= size || dims[1] + 2 * padding < size ||
+      dims[2] + 2 * padding < size || ddims[0] != dims[0] || ddims[1] != dims[1] + 2 * padding + 1 - size ||
+      ddims[2] != dims[2] + 2 * padding + 1 - size)
+    return ffi::Error::InvalidArgument("conv_kernel_grad: expects x (B, H, W, C) and dy, the convolution's output");
+  const ConvGeometry geo(dims[0], dims[1], dims[2], dims[3], ddims[3], size, padding);
+  const size_t c = geo.c, o = geo.o, vectors = geo.vectors, rows = geo.k * geo.k * c;
+  float* dw_data = dw->typed_data();
+  std::fill(dw_data, dw_data + rows * o, 0.0f);
+  if (geo.batch * geo.out_height * geo.out_width * c * o == 0) return ffi::Error::Success();
+  // Each row's offset into the padded image from pixel q's channels (q c): tap (ky, kx) -> the
+  // pixel q + ky (W + 2p) + kx, channel ci. A block's rows past the last read offset 0.
+  std::vector<int> offsets(rows + kAccumulators, 0);
+  for (size_t r = 0; r < rows; ++r) {
+    const size_t tap = r / c;
+    offsets[r] = static_cast<int>(((tap / geo.k) * geo.padded_width + tap % geo.k) * c + r % c);
+  }
+  const size_t threads = std::max<int64_t>(1, pool.num_threads());
+  const size_t chunk = std::max<size_t>(1, geo.batch / (4 * threads)), chunks = (geo.batch + chunk - 1) / chunk;
+  // Per chunk, rows padded by a block: the last block's rows past the last are computed, not used.
+  const size_t padded_rows = rows + kAccumulators;
+  std::vector<Vec> partials(chunks * padded_rows * vectors);  // zeroed
+  const float* x_data = x.typed_data();
+  const float* dy_data = dy.typed_data();
+  const int* offset_data = offsets.data();
+  Vec* partial_data = partials.data();
+  parallel_for(pool, geo.batch, chunk, [=](size_t begin, size_t end) {
+    std::vector<float> image(geo.buffer_pixels() * c, 0.0f);
+    std::vector<Vec> grad(geo.q_end * vectors);
+    float* grad_floats = reinterpret_cast<float*>(grad.data());
+    Vec* partial = partial_data + begin / chunk * padded_rows * vectors;
+    for (size_t b = begin; b < end; ++b) {
+      geo.fill(image.data(), x_data, b);
+      // dy at the q of its pixels, channels padded to whole vectors: zeros add nothing.
+      std::fill(grad_floats, grad_floats + grad.size() * kLanes, 0.0f);
+      for (size_t y = 0; y < geo.out_height; ++y)
+        for (size_t xx = 0; xx < geo.out_width; ++xx)
+          std::memcpy(grad_floats + (y * geo.padded_width + xx) * vectors * kLanes,
+                      dy_data + ((b * geo.out_height + y) * geo.out_width + xx) * o, o * sizeof(float));
+      for (size_t g = 0; g < geo.groups; ++g) {
+        const Vec* dy_group = grad.data() + g * kMaxGroup;
+        for (size_t r = 0; r < rows;) {
+          Vec* out = partial + r * vectors + g * kMaxGroup;
+          const int* block = offset_data + r;
+          switch (geo.group_size(g)) {
+            case 1: ConvKernelGradRows<1, kAccumulators / 1>(image.data(), c, block, dy_group, vectors, geo.q_end, out); r += kAccumulators / 1; break;
+            case 2: ConvKernelGradRows<2, kAccumulators / 2>(image.data(), c, block, dy_group, vectors, geo.q_end, out); r += kAccumulators / 2; break;
+            case 3: ConvKernelGradRows<3, kAccumulators / 3>(image.data(), c, block, dy_group, vectors, geo.q_end, out); r += kAccumulators / 3; break;
+            default: ConvKernelGradRows<4, kAccumulators / 4>(image.data(), c, block, dy_group, vectors, geo.q_end, out); r += kAccumulators / 4; break;
+          }
+        }
+      }
+    }
+  });
+  for (size_t chunk_index = 0; chunk_index < chunks; ++chunk_index) {
+    const float* partial = reinterpret_cast<const float*>(partial_data + chunk_index * padded_rows * vectors);
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t co = 0; co < o; ++co) dw_data[r * o + co] += partial[r * vectors * kLanes + co];
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxSilu, Silu,
@@ -291,4 +508,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxSiluGrad, SiluGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxConv, Conv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("padding")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdpmJaxConvKernelGrad, ConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("size")
+                                  .Attr<int64_t>("padding")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,7 +1,8 @@
-"""SiLU and LayerNorm as compiled CPU kernels through the XLA FFI, where XLA:CPU's own code is slow.
+"""SiLU, LayerNorm and small convolutions as compiled CPU kernels through the XLA FFI, where XLA:CPU's own code is slow.
 
 `silu(x)` is jax.nn.silu's function (`silu(x, bias)`: of x + bias, a layer's bias added in the
-same pass) and `layer_norm(x, scale, bias, eps)` torch.nn.LayerNorm's, each with its gradients. On the CPU, for float32, they call the loops in `cpu_kernels.cc`
+same pass), `layer_norm(x, scale, bias, eps)` torch.nn.LayerNorm's and `conv(x, kernel, padding)`
+a stride-1 NHWC convolution's, each with its gradients. On the CPU, for float32, they call the loops in `cpu_kernels.cc`
 (forward and backward), which this module compiles once with the system's C++ compiler into
 ~/.cache/ddpm_jax/kernels (or $XDG_CACHE_HOME/ddpm_jax/kernels) and registers with XLA.
 Anywhere else (GPU, TPU, bfloat16), and wherever no compiler is found or the build fails
@@ -13,7 +14,10 @@ constant, a per-example mean) along its innermost dimension only: a few lanes at
 10- and 20-channel activations of the article's U-Net. jax.nn.silu there costs ~0.8 ms per
 million elements on this project's AVX-512 CPU against ~0.2 ms on 40 channels or a flat array
 (`python benchmarks/elementwise.py`; README: Where the time goes). The kernels run over the
-flat buffer, as wide as the CPU's vectors, on XLA's intra-op thread pool.
+flat buffer, as wide as the CPU's vectors, on XLA's intra-op thread pool. XLA:CPU's convolutions
+of 10-40 channels run at a fraction of the vector unit's rate too (its kernel gradients at ~10
+GFLOP/s for 28x28x10 -> 10); the convolution kernel computes tiles of pixels x output channels in
+registers, 60-90 GFLOP/s on two AVX2 cores (`python benchmarks/conv_layers.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-e
 _SILU, _SILU_AND_SIGMOID, _SILU_GRAD = "ddpm_jax_silu", "ddpm_jax_silu_and_sigmoid", "ddpm_jax_silu_grad"
 _BIAS_SILU, _BIAS_SILU_AND_SIGMOID = "ddpm_jax_bias_silu", "ddpm_jax_bias_silu_and_sigmoid"
 _LAYER_NORM, _LAYER_NORM_GRAD = "ddpm_jax_layer_norm", "ddpm_jax_layer_norm_grad"
+_CONV, _CONV_KERNEL_GRAD = "ddpm_jax_conv", "ddpm_jax_conv_kernel_grad"
 
 
 def _enabled(environ=os.environ) -> bool:
@@ -104,16 +109,19 @@ def available() -> bool:
     import ctypes
 
     library = ctypes.cdll.LoadLibrary(path)
-    # The elementwise ops and the normalisation's forward act on each example alone: under a
-    # sharded jit each device runs them on its part of the batch. The normalisation's gradient
-    # sums its scale's and bias's over the batch, so XLA gives it the whole batch.
+    # The elementwise ops, the normalisation's forward and the convolution act on each example
+    # alone: under a sharded jit each device runs them on its part of the batch. The
+    # normalisation's gradient and the convolution kernel's sum over the batch, so XLA gives
+    # them the whole batch.
     for name, symbol, per_example in ((_SILU, library.DdpmJaxSilu, True),
                                       (_SILU_AND_SIGMOID, library.DdpmJaxSiluAndSigmoid, True),
                                       (_SILU_GRAD, library.DdpmJaxSiluGrad, True),
                                       (_BIAS_SILU, library.DdpmJaxBiasSilu, True),
                                       (_BIAS_SILU_AND_SIGMOID, library.DdpmJaxBiasSiluAndSigmoid, True),
                                       (_LAYER_NORM, library.DdpmJaxLayerNorm, True),
-                                      (_LAYER_NORM_GRAD, library.DdpmJaxLayerNormGrad, False)):
+                                      (_LAYER_NORM_GRAD, library.DdpmJaxLayerNormGrad, False),
+                                      (_CONV, library.DdpmJaxConv, True),
+                                      (_CONV_KERNEL_GRAD, library.DdpmJaxConvKernelGrad, False)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
         if per_example:
             jax.ffi.register_ffi_target_as_batch_partitionable(name)
@@ -255,3 +263,63 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     if x.dtype != jnp.float32 or not available():
         return _jax_layer_norm(x, scale, bias, eps)[0]
     return _layer_norm(x, scale, bias, eps)
+
+
+def _xla_conv(x, kernel, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding), (padding, padding)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _kernel_conv(x, kernel, padding):
+    size = [n + 2 * padding - kernel.shape[0] + 1 for n in x.shape[1:3]]
+    out = jax.ShapeDtypeStruct((*x.shape[:1], *size, kernel.shape[-1]), x.dtype)
+    # vmap: one call per example (a batched kernel is a different convolution per example)
+    return jax.ffi.ffi_call(_CONV, out, vmap_method="sequential")(x, kernel, padding=np.int64(padding))
+
+
+def _kernel_conv_grads(x, kernel, dy, padding):
+    # The input's gradient is the convolution of dy with the kernel flipped in space and its
+    # channel axes swapped, padded by k - 1 - p (the full correlation, cut to x's size).
+    k = kernel.shape[0]
+    dx = _kernel_conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), k - 1 - padding)
+    out = jax.ShapeDtypeStruct(kernel.shape, x.dtype)
+    dkernel = jax.ffi.ffi_call(_CONV_KERNEL_GRAD, out, vmap_method="sequential")(
+        x, dy, size=np.int64(k), padding=np.int64(padding))
+    return dx, dkernel
+
+
+def _xla_conv_grads(x, kernel, dy, padding):
+    return jax.vjp(functools.partial(_xla_conv, padding=padding), x, kernel)[1](dy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, kernel, padding):
+    return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(_kernel_conv, padding=padding),
+                                      default=functools.partial(_xla_conv, padding=padding))
+
+
+def _conv_forward(x, kernel, padding):
+    return _conv(x, kernel, padding), (x, kernel)
+
+
+def _conv_backward(padding, residuals, dy):
+    return jax.lax.platform_dependent(*residuals, dy, cpu=functools.partial(_kernel_conv_grads, padding=padding),
+                                      default=functools.partial(_xla_conv_grads, padding=padding))
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
+
+
+def conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """A stride-1 convolution, square kernel, `padding` zero pixels on every side, no bias:
+    lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p))) in NHWC / HWIO.
+    x: (B, H, W, C), kernel: (k, k, C, O) -> (B, H + 2p - k + 1, W + 2p - k + 1, O). The compiled
+    kernels (forward, input and kernel gradients) for float32 on the CPU when available and
+    0 <= padding < k; lax's convolution otherwise."""
+    k = kernel.shape[0]
+    if (x.ndim != 4 or kernel.ndim != 4 or kernel.shape[1] != k or not 0 <= padding < k
+            or min(x.shape[1:3]) + 2 * padding < k or x.dtype != jnp.float32 or kernel.dtype != jnp.float32
+            or not available()):
+        return _xla_conv(x, kernel, padding)
+    with jax.named_scope("conv"):
+        return _conv(x, kernel, padding)
