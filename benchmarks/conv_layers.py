@@ -12,6 +12,10 @@ and kernel), in these formulations:
   16 inside the call (the lead of issue 15: full AVX-512 vectors, up to 1.6x the FLOPs);
 - `xla_transposed`: the forward written as the input gradient of a convolution with the
   flipped, transposed kernel (the form of XLA's backward convolutions);
+- `kernel`: the layer as the article's U-Net computes it now: ddpm_jax.models.cpu_kernels.conv,
+  the compiled CPU kernel (forward and both gradients), the stride-2 layers through
+  convs.stride_two_conv / stride_two_conv_transpose (with DDPM_JAX_CPU_KERNELS=off: lax's
+  convolutions in those forms);
 - `torch`: torch.nn.functional.conv2d, NCHW as the article's model runs it (if torch is
   installed; `--threads` sets its threads).
 
@@ -96,6 +100,20 @@ def conv_transposed(x, w):
 VARIANTS = {"xla_pad16": conv_pad16, "xla_transposed": conv_transposed}  # of 3x3 stride-1 layers
 
 
+def model_layer_fn(kernel: int, stride: int, padding: int, transposed: bool):
+    """The layer's function as ddpm_jax's article U-Net computes it (models/article_unet.py)."""
+    from ddpm_jax.models.convs import stride_two_conv, stride_two_conv_transpose
+    from ddpm_jax.models.cpu_kernels import conv as kernel_conv
+
+    if transposed and stride == 2:
+        return stride_two_conv_transpose
+    if transposed:  # stride 1: the convolution with the kernel flipped, padded by k - 1 - p
+        return lambda x, w: kernel_conv(x, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), kernel - 1 - padding)
+    if stride == 2:
+        return lambda x, w: stride_two_conv(x, w, (2, 2), [(padding, padding)] * 2, dimension_numbers=DIMS)
+    return lambda x, w: kernel_conv(x, w, padding)
+
+
 def median_seconds(call, repeats: int) -> float:
     """Median wall time of call() over `repeats` calls, after two untimed ones (compile, warm-up)."""
     call()
@@ -146,9 +164,9 @@ def main(_):
         import torch
 
         torch.set_num_threads(FLAGS.threads)
-        forms = ["xla", *VARIANTS, "torch"]
+        forms = ["xla", *VARIANTS, "kernel", "torch"]
     except ImportError:
-        forms = ["xla", *VARIANTS]
+        forms = ["xla", *VARIANTS, "kernel"]
         print("torch is not installed: XLA formulations only", file=sys.stderr)
 
     layers = [(f"{size}x{size} {cin}->{cout}", count, size, cin, cout, 3, 1, 1, False)
@@ -175,7 +193,8 @@ def main(_):
                     fwd, both = torch_times(size, cin, cout, kernel, stride, padding, transposed, FLAGS.batch,
                                             FLAGS.repeats)
                 else:
-                    fn = VARIANTS.get(form) or layer_fn(kernel, stride, padding, transposed)
+                    make = model_layer_fn if form == "kernel" else layer_fn
+                    fn = VARIANTS.get(form) or make(kernel, stride, padding, transposed)
                     fwd, both = xla_times(fn, size, cin, cout, kernel, FLAGS.batch, FLAGS.repeats)
                 row[form] = {"forward_ms": round(fwd * 1e3, 3), "forward_backward_ms": round(both * 1e3, 3),
                              "forward_gflops": round(flop / fwd / 1e9, 1),

@@ -18,7 +18,7 @@ import flax.linen as nn
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from ddpm_jax.models.convs import stride_two_conv
+from ddpm_jax.models.convs import stride_two_conv, stride_two_conv_transpose
 from ddpm_jax.models.cpu_kernels import conv, layer_norm, silu
 
 
@@ -95,39 +95,19 @@ class StrideOneConvTranspose(nn.Module):
         return conv(x, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), k - 1 - self.padding) + bias
 
 
-# PyTorch's ConvTranspose2d(k=4, stride=2, padding=1) along one axis: output 2m + r takes input
-# m - 1 + u (u = 0, 1, 2 over the input padded by one) times kernel tap _SUBPIXEL_TAPS[r][u]
-# (4: no tap, a zero).
-_SUBPIXEL_TAPS = np.array([[3, 1, 4], [4, 2, 0]])
-
-
 class StrideTwoConvTranspose(nn.Module):
-    """PyTorch's ConvTranspose2d(k=4, stride=2, padding=1), computed as a stride-1 3x3 convolution.
-
-    Each of the output's 2x2 pixel phases is a small stride-1 convolution of the input; one
-    3x3 convolution computes all four as channels (the taps a phase does not use are zeros),
-    then depth to space. The parameter is nn.ConvTranspose(transpose_kernel=True)'s: kernel
-    (4, 4, O, C), bias (O,). XLA:CPU runs the input-dilated form and its gradients slowly;
-    the 2.25x multiply-adds of the zero taps cost less (benchmarks/step_profile.py).
-    x: (B, H, W, C) -> (B, 2H, 2W, O).
-    """
+    """PyTorch's ConvTranspose2d(k=4, stride=2, padding=1), computed as a stride-1 3x3 convolution
+    (convs.stride_two_conv_transpose). The parameters are nn.ConvTranspose(transpose_kernel=True)'s:
+    kernel (4, 4, O, C), bias (O,). x: (B, H, W, C) -> (B, 2H, 2W, O)."""
 
     features: int
 
     @nn.compact
     def __call__(self, x):
-        b, h, w, c = x.shape
         fan_in = self.features * 16  # PyTorch takes a transposed conv's fan_in from its output channels
-        kernel = self.param("kernel", _torch_uniform(fan_in), (4, 4, self.features, c))
+        kernel = self.param("kernel", _torch_uniform(fan_in), (4, 4, self.features, x.shape[-1]))
         bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
-        taps = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # index 4: the zero tap
-        rows = _SUBPIXEL_TAPS[:, :, None, None]  # (r, u, 1, 1)
-        cols = _SUBPIXEL_TAPS[None, None, :, :]  # (1, 1, s, v)
-        taps = taps[rows, cols]  # (r, u, s, v, O, C)
-        taps = taps.transpose(1, 3, 5, 0, 2, 4).reshape(3, 3, c, 4 * self.features)  # (u, v, C, (r, s, O))
-        y = conv(x, taps, 1)
-        y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-        return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+        return stride_two_conv_transpose(x, kernel) + bias
 
 
 class LayerNorm(nn.Module):

@@ -1,14 +1,18 @@
-"""Convolution forms that XLA:CPU runs fast, as drop-ins for lax.conv_general_dilated.
+"""Convolution forms that XLA:CPU runs fast: stride 2 computed at stride 1.
 
 `nn.Conv(..., strides=2, conv_general_dilated=stride_two_conv)` keeps nn.Conv's parameters,
 names and init and changes only how the sums are computed: XLA:CPU runs a strided
 convolution's kernel gradient (a convolution with a dilated window) at a fraction of the
 stride-1 rate (README: Where the time goes; benchmarks/step_profile.py).
+`stride_two_conv_transpose(x, kernel)` is PyTorch's ConvTranspose2d(4, 2, 1) as one stride-1 3x3
+convolution and depth to space. The stride-1 convolutions they come to run in cpu_kernels.conv
+(the compiled CPU kernel, where it applies).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ddpm_jax.models.cpu_kernels import conv
@@ -56,3 +60,31 @@ def stride_two_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
         return conv(phases, kernel, 0)  # the compiled CPU kernel where it applies
     return lax.conv_general_dilated(phases, kernel, (1, 1), "VALID", dimension_numbers=nhwc,
                                     precision=precision, **kwargs)
+
+
+# PyTorch's ConvTranspose2d(k=4, stride=2, padding=1) along one axis: output 2m + r takes input
+# m - 1 + u (u = 0, 1, 2 over the input padded by one) times kernel tap _SUBPIXEL_TAPS[r][u]
+# (4: no tap, a zero).
+_SUBPIXEL_TAPS = np.array([[3, 1, 4], [4, 2, 0]])
+
+
+def stride_two_conv_transpose(x, kernel):
+    """PyTorch's ConvTranspose2d(k=4, stride=2, padding=1) without its bias, computed as a
+    stride-1 3x3 convolution. kernel: nn.ConvTranspose(transpose_kernel=True)'s (4, 4, O, C).
+
+    Each of the output's 2x2 pixel phases is a small stride-1 convolution of the input; one
+    3x3 convolution computes all four as channels (the taps a phase does not use are zeros),
+    then depth to space. XLA:CPU runs the input-dilated form and its gradients slowly; the
+    2.25x multiply-adds of the zero taps cost less (benchmarks/step_profile.py).
+    x: (B, H, W, C) -> (B, 2H, 2W, O).
+    """
+    b, h, w, c = x.shape
+    features = kernel.shape[2]
+    taps = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # index 4: the zero tap
+    rows = _SUBPIXEL_TAPS[:, :, None, None]  # (r, u, 1, 1)
+    cols = _SUBPIXEL_TAPS[None, None, :, :]  # (1, 1, s, v)
+    taps = taps[rows, cols]  # (r, u, s, v, O, C)
+    taps = taps.transpose(1, 3, 5, 0, 2, 4).reshape(3, 3, c, 4 * features)  # (u, v, C, (r, s, O))
+    y = conv(x, taps, 1)
+    y = y.reshape(b, h, w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, features)
