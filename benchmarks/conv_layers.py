@@ -14,7 +14,7 @@ and kernel), in these formulations:
   flipped, transposed kernel (the form of XLA's backward convolutions);
 - `kernel`: the layer as the article's U-Net computes it now: ddpm_jax.models.cpu_kernels.conv,
   the compiled CPU kernel (forward and both gradients), the stride-2 layers through
-  convs.stride_two_conv / stride_two_conv_transpose (with DDPM_JAX_CPU_KERNELS=off: lax's
+  convs.fast_conv / stride_two_conv_transpose (with DDPM_JAX_CPU_KERNELS=off: lax's
   convolutions in those forms);
 - `torch`: torch.nn.functional.conv2d, NCHW as the article's model runs it (if torch is
   installed; `--threads` sets its threads).
@@ -102,7 +102,7 @@ VARIANTS = {"xla_pad16": conv_pad16, "xla_transposed": conv_transposed}  # of 3x
 
 def model_layer_fn(kernel: int, stride: int, padding: int, transposed: bool):
     """The layer's function as ddpm_jax's article U-Net computes it (models/article_unet.py)."""
-    from ddpm_jax.models.convs import stride_two_conv, stride_two_conv_transpose
+    from ddpm_jax.models.convs import fast_conv, stride_two_conv_transpose
     from ddpm_jax.models.cpu_kernels import conv as kernel_conv
 
     if transposed and stride == 2:
@@ -110,7 +110,7 @@ def model_layer_fn(kernel: int, stride: int, padding: int, transposed: bool):
     if transposed:  # stride 1: the convolution with the kernel flipped, padded by k - 1 - p
         return lambda x, w: kernel_conv(x, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), kernel - 1 - padding)
     if stride == 2:
-        return lambda x, w: stride_two_conv(x, w, (2, 2), [(padding, padding)] * 2, dimension_numbers=DIMS)
+        return lambda x, w: fast_conv(x, w, (2, 2), [(padding, padding)] * 2, dimension_numbers=DIMS)
     return lambda x, w: kernel_conv(x, w, padding)
 
 

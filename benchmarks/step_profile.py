@@ -53,6 +53,8 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[set, list[str]]]:
         opcodes[name], op_names[name] = {opcode}, _OP_NAME.findall(line)
         if opcode == "convolution":  # a strided layer, or its gradient, has a stride or a dilation
             opcodes[name].add("strided" if re.search(r"stride=|dilate=", line) else "stride-1")
+        elif 'custom_call_target="ddpm_jax_conv' in line:  # cpu_kernels.conv: stride 1 (also after space to depth)
+            opcodes[name] |= {"convolution", "stride-1"}
         body_opcodes[computation].add(opcode)
         body_op_names[computation].extend(op_names[name])
         operands[name] = re.findall(r"%([\w.\-]+)", line.split("=", 1)[1].split("),")[0])

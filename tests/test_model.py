@@ -137,22 +137,28 @@ def _assert_same_function(direct, ours, x):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 
 
-@pytest.mark.parametrize("kernel, padding, size, channels", [
-    (4, ((1, 1), (1, 1)), 28, 10), (4, ((1, 1), (1, 1)), 6, 40),  # the article's Conv2d(4, 2, 1)
-    (3, ((1, 1), (1, 1)), 14, 32), (3, "SAME", 14, 32),  # unet's downsampling, both paddings
-    (3, "SAME", 7, 8), (3, ((0, 2), (1, 0)), 9, 4), (2, "VALID", 5, 3)])  # odd sizes, uneven pads
-def test_stride_two_conv_equals_the_strided_form(kernel, padding, size, channels):
-    # Computed at stride 1 (space to depth: faster on XLA:CPU), inside nn.Conv: the same module,
-    # parameters and init, the same function and gradients as lax's strided convolution.
-    from ddpm_jax.models.convs import stride_two_conv
+@pytest.mark.parametrize("kernel, strides, padding, size, channels", [
+    (4, 2, ((1, 1), (1, 1)), 28, 10), (4, 2, ((1, 1), (1, 1)), 6, 40),  # the article's Conv2d(4, 2, 1)
+    (3, 2, ((1, 1), (1, 1)), 14, 32), (3, 2, "SAME", 14, 32),  # unet's downsampling, both paddings
+    (3, 2, "SAME", 7, 8), (3, 2, ((0, 2), (1, 0)), 9, 4), (2, 2, "VALID", 5, 3),  # odd sizes, uneven pads
+    (3, 1, "SAME", 7, 8), (2, 1, "VALID", 5, 3), (3, 1, ((0, 2), (1, 0)), 9, 4)])  # stride 1; uneven: lax's
+def test_fast_conv_equals_lax(kernel, strides, padding, size, channels):
+    # Inside nn.Conv: the same module, parameters and init, the same function and gradients as
+    # lax's convolution; stride 2 computed at stride 1 (space to depth), stride 1 in the CPU kernel.
+    from ddpm_jax.models import cpu_kernels
+    from ddpm_jax.models.convs import fast_conv
 
-    conv = functools.partial(nn.Conv, channels + 1, (kernel, kernel), (2, 2), padding=padding)
-    direct, ours = conv(), conv(conv_general_dilated=stride_two_conv)
+    conv = functools.partial(nn.Conv, channels + 1, (kernel, kernel), (strides, strides), padding=padding)
+    direct, ours = conv(), conv(conv_general_dilated=fast_conv)
     x = jax.random.normal(jax.random.key(4), (2, size, size, channels))
     _assert_same_function(direct, ours, x)
     variables = direct.init(jax.random.key(5), x)
-    strided = [str(jax.make_jaxpr(m.apply)(variables, x)).count("window_strides=(2, 2)") for m in (direct, ours)]
-    assert strided == [1, 0]  # no strided convolution is left
+    jaxprs = [str(jax.make_jaxpr(m.apply)(variables, x)) for m in (direct, ours)]
+    assert [j.count("window_strides=(2, 2)") for j in jaxprs] == [int(strides == 2), 0]  # no strided one left
+    if jax.default_backend() == "cpu" and cpu_kernels.available():
+        # lax's: uneven padding at stride 1, and a 1 x 1 phase kernel (cpu_kernels._kernel_pays)
+        uneven = strides == 1 and not isinstance(padding, str) and padding[0] != padding[1]
+        assert (cpu_kernels._CONV in jaxprs[1]) == (not uneven and not (kernel, strides) == (2, 2))
 
 
 def _flax_conv_transpose(features: int, kernel: int, stride: int, padding: int) -> nn.ConvTranspose:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from ddpm_jax.models.convs import stride_two_conv, stride_two_conv_transpose
+from ddpm_jax.models.convs import fast_conv, stride_two_conv_transpose
 from ddpm_jax.models.cpu_kernels import conv, layer_norm, silu
 
 
@@ -51,8 +51,8 @@ class Conv(nn.Module):
     """PyTorch's Conv2d(kernel_size, strides, padding) with its default init, as nn.Conv: the same
     parameters ('kernel' (k, k, C, O), 'bias' (O,)), created in the same order, so the same init.
     silu=True returns SiLU(conv + bias), the bias and the activation in one pass
-    (cpu_kernels.silu(y, bias): XLA:CPU adds a 10- or 20-channel bias slowly). Stride 2 is
-    computed at stride 1 (convs.stride_two_conv: the same sums, faster on XLA:CPU)."""
+    (cpu_kernels.silu(y, bias): XLA:CPU adds a 10- or 20-channel bias slowly). The sums run in
+    convs.fast_conv (the CPU kernel; stride 2 after space to depth)."""
 
     features: int
     kernel_size: int
@@ -67,11 +67,8 @@ class Conv(nn.Module):
         kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
         x, kernel, bias = promote_dtype(x, kernel, bias)
-        if self.strides == 1:
-            y = conv(x, kernel, p)
-        else:
-            y = stride_two_conv(x, kernel, (self.strides, self.strides), ((p, p), (p, p)),
-                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = fast_conv(x, kernel, (self.strides, self.strides), ((p, p), (p, p)),
+                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return silu(y, bias) if self.silu else y + bias
 
 

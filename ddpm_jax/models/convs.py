@@ -1,9 +1,10 @@
-"""Convolution forms that XLA:CPU runs fast: stride 2 computed at stride 1.
+"""Convolution forms that XLA:CPU runs fast: stride 2 computed at stride 1, stride 1 in the CPU kernel.
 
-`nn.Conv(..., strides=2, conv_general_dilated=stride_two_conv)` keeps nn.Conv's parameters,
-names and init and changes only how the sums are computed: XLA:CPU runs a strided
-convolution's kernel gradient (a convolution with a dilated window) at a fraction of the
-stride-1 rate (README: Where the time goes; benchmarks/step_profile.py).
+`nn.Conv(..., conv_general_dilated=fast_conv)` keeps nn.Conv's parameters, names and init and
+changes only how the sums are computed: XLA:CPU runs a strided convolution's kernel gradient (a
+convolution with a dilated window) at a fraction of the stride-1 rate, and its stride-1
+convolutions of few channels at a fraction of the vector unit's (README: Where the time goes;
+benchmarks/step_profile.py, benchmarks/conv_layers.py).
 `stride_two_conv_transpose(x, kernel)` is PyTorch's ConvTranspose2d(4, 2, 1) as one stride-1 3x3
 convolution and depth to space. The stride-1 convolutions they come to run in cpu_kernels.conv
 (the compiled CPU kernel, where it applies).
@@ -18,30 +19,40 @@ from jax import lax
 from ddpm_jax.models.cpu_kernels import conv
 
 
-def stride_two_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """lax.conv_general_dilated, with an NHWC x HWIO stride-2 convolution computed at stride 1.
+def fast_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """lax.conv_general_dilated, with NHWC x HWIO convolutions of stride 1 and 2 computed in the
+    forms that run fast on XLA:CPU: `nn.Conv(..., conv_general_dilated=fast_conv)`.
 
-    The padded input's 2x2 pixel phases become channels (space to depth) and the k x k kernel,
-    zero-padded to an even size, the matching ceil(k/2)-sized kernel over them: the same sums.
-    Anything else (other strides, dilations, groups, layouts, negative padding) goes to
+    Stride 1 (a square kernel, the same padding p < k on every side) runs in cpu_kernels.conv,
+    the compiled CPU kernel. Stride 2: the padded input's 2x2 pixel phases become channels (space
+    to depth) and the k x k kernel, zero-padded to an even size, the matching ceil(k/2)-sized
+    kernel over them, at stride 1: the same sums. Anything else (other strides, dilations,
+    groups, layouts, negative or uneven padding at stride 1, a precision) goes to
     lax.conv_general_dilated unchanged.
-    lhs: (B, H, W, C), rhs: (kh, kw, C, O) -> (B, (H + pads - kh) // 2 + 1, ..., O).
+    lhs: (B, H, W, C), rhs: (kh, kw, C, O) -> (B, (H + pads - kh) // stride + 1, ..., O).
     """
-    def strided():
+    def direct():
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
 
     plain = all(d == 1 for d in tuple(lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
-    if lhs.ndim != 4 or tuple(window_strides) != (2, 2) or not plain or feature_group_count != 1:
-        return strided()
+    strides = tuple(window_strides)
+    if lhs.ndim != 4 or strides not in ((1, 1), (2, 2)) or not plain or feature_group_count != 1:
+        return direct()
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
-        return strided()
+        return direct()
     kh, kw, c, features = rhs.shape
-    pads = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (2, 2), padding) if isinstance(padding, str) else padding
+    pads = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), strides, padding) if isinstance(padding, str) else padding
+    own_kernel = precision is None and all(value is None for value in kwargs.values())
     if min(min(p) for p in pads) < 0:
-        return strided()
+        return direct()
+    if strides == (1, 1):
+        p = pads[0][0]
+        if own_kernel and kh == kw and p < kh and all(tuple(pad) == (p, p) for pad in pads):
+            return conv(lhs, rhs, p)
+        return direct()
     x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     out_h, out_w = (x.shape[1] - kh) // 2 + 1, (x.shape[2] - kw) // 2 + 1
     ka, kb = -(-kh // 2), -(-kw // 2)  # the phase kernel's size
@@ -56,8 +67,8 @@ def stride_two_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     phases = phases.reshape(b, rows // 2, cols // 2, 4 * c)
     kernel = jnp.pad(rhs, ((0, 2 * ka - kh), (0, 2 * kb - kw), (0, 0), (0, 0)))
     kernel = kernel.reshape(ka, 2, kb, 2, c, features).transpose(0, 2, 1, 3, 4, 5).reshape(ka, kb, 4 * c, features)
-    if precision is None and all(value is None for value in kwargs.values()):
-        return conv(phases, kernel, 0)  # the compiled CPU kernel where it applies
+    if own_kernel:
+        return conv(phases, kernel, 0)
     return lax.conv_general_dilated(phases, kernel, (1, 1), "VALID", dimension_numbers=nhwc,
                                     precision=precision, **kwargs)
 

@@ -260,6 +260,9 @@ constexpr int kAccumulators = 12;  // of 16
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr int kMaxGroup = 4;  // vectors of output channels per tile
 
+// The vector width the kernels were compiled for: cpu_kernels._kernel_pays picks by it.
+extern "C" int DdpmJaxVectorLanes() { return kLanes; }
+
 // The shapes of a convolution and of its images' padded buffers.
 struct ConvGeometry {
   size_t batch, height, width, c, o, k, pad;

@@ -98,14 +98,19 @@ def _build() -> str | None:
     return path
 
 
-@functools.cache
 def available() -> bool:
     """Whether the kernels are built and registered with XLA (once per process)."""
+    return _library() is not None
+
+
+@functools.cache
+def _library():
+    """The compiled kernels (a ctypes library), registered with XLA; None without them."""
     if not _enabled():
-        return False
+        return None
     path = _build()
     if path is None:
-        return False
+        return None
     import ctypes
 
     library = ctypes.cdll.LoadLibrary(path)
@@ -125,7 +130,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
         if per_example:
             jax.ffi.register_ffi_target_as_batch_partitionable(name)
-    return True
+    return library
 
 
 def _kernel_silu(x):
@@ -310,16 +315,26 @@ def _conv_backward(padding, residuals, dy):
 _conv.defvjp(_conv_forward, _conv_backward)
 
 
+def _kernel_pays(k: int, c: int, o: int) -> bool:
+    """Whether the kernel beats XLA:CPU on a stride-1 k x k convolution of c -> o channels
+    (measured: benchmarks/conv_layers.py, README: Benchmarks). It does on 2 x 2 kernels and on
+    3 x 3 ones of under 32 channels in or out (2-4x on 10-20 channels); on wider 3 x 3 layers
+    only where it was compiled for 16-float vectors (AVX-512: 1.3-2x with the backward to 128
+    channels), as XLA's GEMM-based kernels win there on an AVX2 CPU."""
+    return k == 2 or (k == 3 and (min(c, o) < 32 or _library().DdpmJaxVectorLanes() >= 16))
+
+
 def conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     """A stride-1 convolution, square kernel, `padding` zero pixels on every side, no bias:
     lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p))) in NHWC / HWIO.
     x: (B, H, W, C), kernel: (k, k, C, O) -> (B, H + 2p - k + 1, W + 2p - k + 1, O). The compiled
-    kernels (forward, input and kernel gradients) for float32 on the CPU when available and
-    0 <= padding < k; lax's convolution otherwise."""
+    kernels (forward, input and kernel gradients) for float32 on the CPU when available,
+    0 <= padding < k and the shape is one where they beat XLA (_kernel_pays); lax's
+    convolution otherwise."""
     k = kernel.shape[0]
     if (x.ndim != 4 or kernel.ndim != 4 or kernel.shape[1] != k or not 0 <= padding < k
             or min(x.shape[1:3]) + 2 * padding < k or x.dtype != jnp.float32 or kernel.dtype != jnp.float32
-            or not available()):
+            or not available() or not _kernel_pays(k, kernel.shape[2], kernel.shape[3])):
         return _xla_conv(x, kernel, padding)
     with jax.named_scope("conv"):
         return _conv(x, kernel, padding)

@@ -24,6 +24,7 @@ than many narrow ones (see the README's "Fast configs").
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,7 +33,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ddpm_jax.errors import UserError
-from ddpm_jax.models.convs import stride_two_conv
+from ddpm_jax.models.convs import fast_conv
+
+# nn.Conv (its parameters, names and init) with the sums in the forms XLA:CPU runs fast: stride
+# 1 in the compiled CPU kernel, stride 2 at stride 1 (float32 on the CPU; lax's elsewhere).
+Conv = functools.partial(nn.Conv, conv_general_dilated=fast_conv)
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
@@ -62,13 +67,13 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool):
         dt = self.dtype
-        h = nn.Conv(self.features, (3, 3), dtype=dt)(nn.silu(nn.GroupNorm(self.num_groups, dtype=dt)(x)))
+        h = Conv(self.features, (3, 3), dtype=dt)(nn.silu(nn.GroupNorm(self.num_groups, dtype=dt)(x)))
         h = h + nn.Dense(self.features, dtype=dt)(nn.silu(emb))[:, None, None, :]  # per-channel time/label shift
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(nn.GroupNorm(self.num_groups, dtype=dt)(h)))
         # Zero init: each block starts as the identity, which keeps deep stacks stable early on.
-        h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros, dtype=dt)(h)
+        h = Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros, dtype=dt)(h)
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), name="skip", dtype=dt)(x)
+            x = Conv(self.features, (1, 1), name="skip", dtype=dt)(x)
         return x + h
 
 
@@ -167,7 +172,7 @@ class UNet(nn.Module):
         p, image = self.patch_size, x
         if p > 1:
             x = einops.rearrange(x, "b (h p) (w q) c -> b h w (p q c)", p=p, q=p)
-        h = nn.Conv(self.channels, (3, 3), name="conv_in", dtype=dt)(x)  # (B, H/p, W/p, channels)
+        h = Conv(self.channels, (3, 3), name="conv_in", dtype=dt)(x)  # (B, H/p, W/p, channels)
         skips = [h]
         # TF's SAME pads a stride-2 3x3 conv of an even size by 0 before and 1 after.
         down_pad = ((1, 1), (1, 1)) if self.downsample_padding == "symmetric" else "SAME"
@@ -178,8 +183,7 @@ class UNet(nn.Module):
                     h = AttnBlock(gn, self.num_heads, dt)(h)
                 skips.append(h)
             if level < len(self.channel_mults) - 1:  # halve H and W (checked even above)
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=down_pad, dtype=dt,
-                            conv_general_dilated=stride_two_conv)(h)  # at stride 1: faster on XLA:CPU
+                h = Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=down_pad, dtype=dt)(h)
                 skips.append(h)
 
         h = ResBlock(h.shape[-1], gn, drop, dt)(h, emb, train)  # middle: res, attn, res
@@ -194,11 +198,11 @@ class UNet(nn.Module):
                     h = AttnBlock(gn, self.num_heads, dt)(h)
             if level > 0:  # nearest-neighbour x2, then a conv to smooth the blockiness
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-                h = nn.Conv(h.shape[-1], (3, 3), dtype=dt)(h)
+                h = Conv(h.shape[-1], (3, 3), dtype=dt)(h)
 
         h = nn.silu(nn.GroupNorm(gn, dtype=dt)(h))
         # Zero init: the untrained model predicts eps = 0, a sane start for the loss.
-        out = nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="conv_out", dtype=dt)(h)
+        out = Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="conv_out", dtype=dt)(h)
         if p > 1:
             out = einops.rearrange(out, "b h w (p q c) -> b (h p) (w q) c", p=p, q=p, c=image.shape[-1])
         return out.astype(jnp.float32)  # the loss and the samplers work in float32
