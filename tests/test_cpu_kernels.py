@@ -125,6 +125,7 @@ def test_conv_takes_the_kernel_where_it_beats_xla():
     assert not uses_kernel(1, 10, 10, padding=0)
     # wide 3 x 3 layers: only where the kernel was compiled for AVX-512's 16-float vectors
     assert uses_kernel(3, 32, 64) == (cpu_kernels._library().DdpmJaxVectorLanes() == 16)
+    assert not uses_kernel(3, 256, 256)
     assert not uses_kernel(3, 10, 10, padding=3)  # padding >= k: lax's convolution
 
 

@@ -318,10 +318,11 @@ _conv.defvjp(_conv_forward, _conv_backward)
 def _kernel_pays(k: int, c: int, o: int) -> bool:
     """Whether the kernel beats XLA:CPU on a stride-1 k x k convolution of c -> o channels
     (measured: benchmarks/conv_layers.py, README: Benchmarks). It does on 2 x 2 kernels and on
-    3 x 3 ones of under 32 channels in or out (2-4x on 10-20 channels); on wider 3 x 3 layers
-    only where it was compiled for 16-float vectors (AVX-512: 1.3-2x with the backward to 128
-    channels), as XLA's GEMM-based kernels win there on an AVX2 CPU."""
-    return k == 2 or (k == 3 and (min(c, o) < 32 or _library().DdpmJaxVectorLanes() >= 16))
+    3 x 3 ones of under 32 channels in or out (2-4x on 10-20 channels); on wider 3 x 3 layers of
+    up to 128 channels only where it was compiled for 16-float vectors (AVX-512: 1.1-2x with the
+    backward), as XLA's GEMM-based kernels win there on an AVX2 CPU, and at 256 channels on both."""
+    wide_pays = max(c, o) <= 128 and _library().DdpmJaxVectorLanes() >= 16
+    return k == 2 or (k == 3 and (min(c, o) < 32 or wide_pays))
 
 
 def conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
