@@ -1,4 +1,5 @@
-"""The compiled CPU SiLU (ddpm_jax/models/cpu_kernels.py) against jax.nn.silu, and its fallbacks."""
+"""The compiled CPU kernels (ddpm_jax/models/cpu_kernels.py: SiLU, LayerNorm, convolution)
+against JAX's own, and their fallbacks."""
 
 import ctypes
 import functools
