@@ -11,13 +11,15 @@ from ddpm_jax import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
+HEAPS = "--xla_multiheap_size_constraint_per_heap"
 
 
 def test_xla_flags_added_on_measured_jaxlib_only_and_never_over_the_users():
-    assert runtime.xla_flags_with_cpu_defaults("", "0.10.2") == f"{YNN}=-individual_convolution"
-    assert (runtime.xla_flags_with_cpu_defaults("--xla_dump_to=/tmp/d", "0.10.0")
-            == f"--xla_dump_to=/tmp/d {YNN}=-individual_convolution")
-    assert runtime.xla_flags_with_cpu_defaults(f"{YNN}=+eltwise", "0.10.2") == f"{YNN}=+eltwise"
+    defaults = f"{YNN}=-individual_convolution {HEAPS}=8388608"
+    assert runtime.xla_flags_with_cpu_defaults("", "0.10.2") == defaults
+    assert runtime.xla_flags_with_cpu_defaults("--xla_dump_to=/tmp/d", "0.10.0") == f"--xla_dump_to=/tmp/d {defaults}"
+    assert (runtime.xla_flags_with_cpu_defaults(f"{YNN}=+eltwise {HEAPS}=-1", "0.10.2")
+            == f"{YNN}=+eltwise {HEAPS}=-1")
     for version in ("0.9.2", "0.11.0", "1.0.0"):  # unknown flags abort XLA: leave other versions alone
         assert runtime.xla_flags_with_cpu_defaults("--a=1", version) == "--a=1"
 
@@ -55,7 +57,7 @@ def test_cpu_settings_compute_the_same_function(tmp_path):
     tuned, plain = results["on"], results["off"]
     assert str(plain["xla_flags"]) == "" and str(plain["glibc_tunables"]) == ""
     if runtime.xla_flags_with_cpu_defaults("", jaxlib.__version__):
-        assert YNN in str(tuned["xla_flags"])
+        assert YNN in str(tuned["xla_flags"]) and HEAPS in str(tuned["xla_flags"])
     if runtime._huge_pages_available():
         assert "glibc.malloc.hugetlb=1" in str(tuned["glibc_tunables"])
     keys = [k for k in plain.files if k == "out" or k.startswith("grad:")]
@@ -81,7 +83,9 @@ def test_restart_only_on_the_cpu_backend_and_only_without_the_setting(monkeypatc
     calls = []
     monkeypatch.setattr(runtime.os, "execve", lambda *args: calls.append(args))
     monkeypatch.setattr(runtime, "_huge_pages_available", lambda: True)
-    runtime.configure(reexec=True, environ={"JAX_PLATFORMS": "cuda"})  # a GPU process: no restart
+    gpu = {"JAX_PLATFORMS": "cuda"}
+    runtime.configure(reexec=True, environ=gpu)  # a GPU process: no restart, no CPU flags
+    assert gpu == {"JAX_PLATFORMS": "cuda"}
     monkeypatch.setattr(runtime, "_installed_accelerator_plugins", lambda: {"cuda"})
     monkeypatch.setattr(runtime.os.path, "exists", lambda path: path.startswith("/dev/nvidia"))
     runtime.configure(reexec=True, environ={})  # JAX will pick the GPU: no restart

@@ -13,6 +13,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -263,6 +267,43 @@ constexpr int kMaxGroup = 4;  // vectors of output channels per tile
 // The vector width the kernels were compiled for: cpu_kernels._kernel_pays picks by it.
 extern "C" int DdpmJaxVectorLanes() { return kLanes; }
 
+// The first n (0 < n <= kLanes) floats at src, zeros in the other lanes: one masked load.
+inline Vec load_first(const float* src, size_t n) {
+  Vec v;
+  if (n == kLanes) {
+    std::memcpy(&v, src, sizeof v);
+    return v;
+  }
+#if defined(__AVX512F__)
+  v = reinterpret_cast<Vec>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src));
+#elif defined(__AVX2__)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  v = reinterpret_cast<Vec>(_mm256_maskload_ps(src, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane)));
+#else
+  v = Vec{};
+  std::memcpy(&v, src, n * sizeof(float));
+#endif
+  return v;
+}
+
+// The first n (0 < n <= kLanes) floats of v to dst, which may end right after them: one masked
+// store (a memcpy of a variable length is a library call per pixel).
+inline void store_first(float* dst, Vec v, size_t n) {
+  if (n == kLanes) {
+    std::memcpy(dst, &v, sizeof v);
+    return;
+  }
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+#elif defined(__AVX2__)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane),
+                      reinterpret_cast<__m256>(v));
+#else
+  std::memcpy(dst, &v, n * sizeof(float));
+#endif
+}
+
 // The shapes of a convolution and of its images' padded buffers.
 struct ConvGeometry {
   size_t batch, height, width, c, o, k, pad;
@@ -311,11 +352,15 @@ void ConvRows(const ConvGeometry& geo, const float* __restrict in, const Vec* __
       }
     }
     // The tile's real pixels (not past a row's end, nor past the last), this group's channels.
+    size_t y = q / padded_width, x = q % padded_width;
 #pragma GCC unroll 32
-    for (int p = 0; p < P; ++p) {
-      const size_t pixel = q + p, y = pixel / padded_width, x = pixel % padded_width;
-      if (x >= geo.out_width || pixel >= geo.q_end) continue;
-      std::memcpy(out + (y * geo.out_width + x) * geo.o, &acc[p][0], channels * sizeof(float));
+    for (int p = 0; p < P; ++p, ++x) {
+      if (x == padded_width) x = 0, ++y;
+      if (x >= geo.out_width || q + p >= geo.q_end) continue;
+      float* dst = out + (y * geo.out_width + x) * geo.o;
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g)
+        if (channels > g * kLanes) store_first(dst + g * kLanes, acc[p][g], std::min<size_t>(kLanes, channels - g * kLanes));
     }
   }
 }
@@ -365,7 +410,9 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 }
 
 // R rows (tap, ci) of the kernel's gradient x G vectors of output channels, summed over an
-// image's pixels in registers, then added to dw (rows of `vectors` vectors).
+// image's pixels in registers, then added to dw (rows of `vectors` vectors). Rows read the
+// image at their own offsets from pixel q's channels: for inputs of under 4 channels, where a
+// block spans several taps.
 template <int G, int R>
 void ConvKernelGradRows(const float* __restrict in, size_t c, const int* __restrict offsets, const Vec* __restrict dy,
                         size_t vectors, size_t q_end, Vec* __restrict dw) {
@@ -389,6 +436,60 @@ void ConvKernelGradRows(const float* __restrict in, size_t c, const int* __restr
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < G; ++j) dw[r * vectors + j] += acc[r][j];
+}
+
+// R consecutive input channels of one tap (its first at `in`) x G vectors of output channels:
+// every row reads at a constant distance from one pointer, so the loads fold into the
+// multiply-adds (the offsets above take a register each, more than there are). Adds the first
+// `rows` of them to dw; the others (channels past the last) are read and dropped.
+template <int G, int R>
+void ConvKernelGradTapRows(const float* __restrict in, size_t c, const Vec* __restrict dy, size_t vectors,
+                           size_t q_end, size_t rows, Vec* __restrict dw) {
+  Vec acc[R][G] = {};
+  for (size_t q = 0; q < q_end; ++q, in += c) {
+    Vec g[G];
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) g[j] = dy[q * vectors + j];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) acc[r][j] += in[r] * g[j];
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+    if (static_cast<size_t>(r) < rows)
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) dw[r * vectors + j] += acc[r][j];
+}
+
+// Channels per block of ConvKernelGradTapRows for c input channels and G vectors of output
+// channels: of the sizes whose G x R accumulators fit, the one computing the fewest rows.
+constexpr int kTapBlocks[] = {24, 20, 16, 12, 10, 8, 6, 4, 3, 2};
+int tap_block(size_t c, int G) {
+  int best = 0;
+  size_t best_rows = ~size_t{0};
+  for (int r : kTapBlocks) {
+    const size_t rows = (c + r - 1) / r * r;
+    if (G * r <= kAccumulators && rows < best_rows) best = r, best_rows = rows;
+  }
+  return best;
+}
+
+template <int G>
+void ConvKernelGradTap(const float* in, size_t c, const Vec* dy, size_t vectors, size_t q_end, Vec* dw) {
+  const int block = tap_block(c, G);
+  for (size_t ci = 0; ci < c; ci += block) {
+    const size_t rows = std::min<size_t>(block, c - ci);
+    Vec* out = dw + ci * vectors;
+    switch (block) {
+#define DDPM_JAX_TAP_BLOCK(R) \
+  case R: if constexpr (G * R <= kAccumulators) ConvKernelGradTapRows<G, R>(in + ci, c, dy, vectors, q_end, rows, out); break;
+      DDPM_JAX_TAP_BLOCK(24) DDPM_JAX_TAP_BLOCK(20) DDPM_JAX_TAP_BLOCK(16) DDPM_JAX_TAP_BLOCK(12)
+      DDPM_JAX_TAP_BLOCK(10) DDPM_JAX_TAP_BLOCK(8) DDPM_JAX_TAP_BLOCK(6) DDPM_JAX_TAP_BLOCK(4)
+      DDPM_JAX_TAP_BLOCK(3) DDPM_JAX_TAP_BLOCK(2)
+#undef DDPM_JAX_TAP_BLOCK
+    }
+  }
 }
 
 // The kernel's gradient of Conv: dw[ky, kx, ci, co] = sum over images and output pixels q of
@@ -427,19 +528,34 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   Vec* partial_data = partials.data();
   parallel_for(pool, geo.batch, chunk, [=](size_t begin, size_t end) {
     std::vector<float> image(geo.buffer_pixels() * c, 0.0f);
-    std::vector<Vec> grad(geo.q_end * vectors);
-    float* grad_floats = reinterpret_cast<float*>(grad.data());
+    std::vector<Vec> grad(geo.q_end * vectors);  // zeroed
     Vec* partial = partial_data + begin / chunk * padded_rows * vectors;
     for (size_t b = begin; b < end; ++b) {
       geo.fill(image.data(), x_data, b);
-      // dy at the q of its pixels, channels padded to whole vectors: zeros add nothing.
-      std::fill(grad_floats, grad_floats + grad.size() * kLanes, 0.0f);
+      // dy at the q of its pixels, channels padded to whole vectors with zeros, which add
+      // nothing; the dropped columns' vectors stay as allocated, zero.
+      const float* dy_image = dy_data + b * geo.out_height * geo.out_width * o;
       for (size_t y = 0; y < geo.out_height; ++y)
-        for (size_t xx = 0; xx < geo.out_width; ++xx)
-          std::memcpy(grad_floats + (y * geo.padded_width + xx) * vectors * kLanes,
-                      dy_data + ((b * geo.out_height + y) * geo.out_width + xx) * o, o * sizeof(float));
+        for (size_t xx = 0; xx < geo.out_width; ++xx) {
+          const float* src = dy_image + (y * geo.out_width + xx) * o;
+          Vec* dst = grad.data() + (y * geo.padded_width + xx) * vectors;
+          for (size_t j = 0; j < vectors; ++j) dst[j] = load_first(src + j * kLanes, std::min<size_t>(kLanes, o - j * kLanes));
+        }
       for (size_t g = 0; g < geo.groups; ++g) {
         const Vec* dy_group = grad.data() + g * kMaxGroup;
+        if (c >= 4) {  // per tap
+          for (size_t tap = 0; tap < geo.k * geo.k; ++tap) {
+            const float* in = image.data() + offset_data[tap * c];
+            Vec* out = partial + tap * c * vectors + g * kMaxGroup;
+            switch (geo.group_size(g)) {
+              case 1: ConvKernelGradTap<1>(in, c, dy_group, vectors, geo.q_end, out); break;
+              case 2: ConvKernelGradTap<2>(in, c, dy_group, vectors, geo.q_end, out); break;
+              case 3: ConvKernelGradTap<3>(in, c, dy_group, vectors, geo.q_end, out); break;
+              default: ConvKernelGradTap<4>(in, c, dy_group, vectors, geo.q_end, out); break;
+            }
+          }
+          continue;
+        }
         for (size_t r = 0; r < rows;) {
           Vec* out = partial + r * vectors + g * kMaxGroup;
           const int* block = offset_data + r;
