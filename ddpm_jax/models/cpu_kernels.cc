@@ -365,6 +365,120 @@ void ConvRows(const ConvGeometry& geo, const float* __restrict in, const Vec* __
   }
 }
 
+// The planar form, for layers whose output channels fill whole vectors poorly (10 or 20 of 16
+// lanes: the tiles above leave 6 of 16 lanes idle, and the FMA unit is the bound): each image is
+// copied into one zero-bordered plane per input channel, and a vector holds kLanes consecutive
+// pixels q of one output channel. A tile of P vectors of pixels x OB output channels stays in
+// registers; per tap and input channel it loads P vectors of pixels and multiplies each by OB
+// kernel values (broadcast from the HWIO kernel as it is), P x OB multiply-adds with every lane
+// used. The tile is then written to the NHWC output pixel by pixel through a small buffer.
+// P: as many pixel vectors as fit beside the accumulators, at most 8.
+constexpr int kVectorRegisters = kLanes == 16 ? 32 : 16;
+constexpr int planar_pixel_vectors(int ob) { return std::min(8, (kVectorRegisters - 1) / (ob + 1)); }
+constexpr int kMaxPlanarBlock = 12;  // output channels per planar tile
+constexpr size_t kPlanarSlack = 8 * kLanes;  // zeros after each plane for a last tile's reads
+
+// Whether Conv takes the planar form: the output channels' vectors are under 80 % full and each
+// output element has at least 16 multiply-adds (the copies to and from the planes are per element).
+bool use_planar(const ConvGeometry& geo) {
+  return 5 * geo.o < 4 * geo.vectors * kLanes && geo.k * geo.k * geo.c >= 16;
+}
+
+// n pixels of c channels at src (pixel after pixel) to channel ci's plane at dst + ci * stride:
+// kLanes pixels of a channel per gather, a row's last ones in a masked one (a scalar copy a float
+// at a time was a quarter of the planar convolution's time).
+void to_planes(const float* __restrict src, size_t n, size_t c, float* __restrict dst, size_t stride) {
+  for (size_t ci = 0; ci < c; ++ci, dst += stride) {
+    size_t xx = 0;
+#if defined(__AVX512F__)
+    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(c)));
+    for (; xx + 16 <= n; xx += 16) _mm512_storeu_ps(dst + xx, _mm512_i32gather_ps(index, src + xx * c + ci, 4));
+    if (xx < n) {  // the row's last pixels: one masked gather
+      const __mmask16 mask = static_cast<__mmask16>((1u << (n - xx)) - 1);
+      _mm512_mask_storeu_ps(dst + xx, mask, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, src + xx * c + ci, 4));
+      continue;
+    }
+#elif defined(__AVX2__)
+    const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(c)));
+    for (; xx + 8 <= n; xx += 8) _mm256_storeu_ps(dst + xx, _mm256_i32gather_ps(src + xx * c + ci, index, 4));
+#endif
+    for (; xx < n; ++xx) dst[xx] = src[xx * c + ci];
+  }
+}
+
+template <int OB>
+void ConvPlanarRows(const ConvGeometry& geo, const float* __restrict planes, size_t stride, const float* __restrict w,
+                    size_t first, const int* __restrict dest, float* __restrict out) {
+  constexpr int P = planar_pixel_vectors(OB);
+  const size_t c = geo.c, k = geo.k, o = geo.o, padded_width = geo.padded_width;
+  for (size_t q = 0; q < geo.q_end; q += P * kLanes) {
+    Vec acc[P][OB] = {};
+    for (size_t ky = 0; ky < k; ++ky) {
+      for (size_t kx = 0; kx < k; ++kx) {
+        const float* __restrict x = planes + q + ky * padded_width + kx;
+        const float* __restrict wt = w + (ky * k + kx) * c * o + first;
+        for (size_t ci = 0; ci < c; ++ci, x += stride, wt += o) {
+          Vec in[P];
+#pragma GCC unroll 8
+          for (int p = 0; p < P; ++p) std::memcpy(&in[p], x + p * kLanes, sizeof(Vec));
+#pragma GCC unroll 16
+          for (int j = 0; j < OB; ++j) {
+            const float b = wt[j];
+#pragma GCC unroll 8
+            for (int p = 0; p < P; ++p) acc[p][j] += in[p] * b;
+          }
+        }
+      }
+    }
+    float tile[OB][P * kLanes];
+#pragma GCC unroll 16
+    for (int j = 0; j < OB; ++j)
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) std::memcpy(&tile[j][p * kLanes], &acc[p][j], sizeof(Vec));
+    for (int l = 0; l < P * kLanes; ++l) {
+      const int d = dest[q + l];  // the pixel's place in the output, -1 where it is dropped
+      if (d < 0) continue;
+      float* __restrict dst = out + d + first;
+#pragma GCC unroll 16
+      for (int j = 0; j < OB; ++j) dst[j] = tile[j][l];
+    }
+  }
+}
+
+void ConvPlanar(ffi::ThreadPool& pool, const ConvGeometry& geo, const float* x_data, const float* w, float* y_data) {
+  const size_t c = geo.c, o = geo.o, padded_pixels = (geo.height + 2 * geo.pad) * geo.padded_width;
+  const size_t stride = padded_pixels + kPlanarSlack;
+  // Output channels in blocks of at most kMaxPlanarBlock, as even as can be (20 -> 10 + 10).
+  const size_t blocks = (o + kMaxPlanarBlock - 1) / kMaxPlanarBlock, block = (o + blocks - 1) / blocks;
+  std::vector<int> dest(geo.q_end + kPlanarSlack, -1);
+  for (size_t y = 0; y < geo.out_height; ++y)
+    for (size_t xx = 0; xx < geo.out_width; ++xx)
+      dest[y * geo.padded_width + xx] = static_cast<int>((y * geo.out_width + xx) * o);
+  const int* dest_data = dest.data();
+  // A few images per chunk: each chunk zeroes its planes once (the borders and the slack stay zero).
+  const size_t chunk = std::max<size_t>(1, geo.batch / (4 * std::max<int64_t>(1, pool.num_threads())));
+  parallel_for(pool, geo.batch, chunk, [=, &geo](size_t begin, size_t end) {
+    std::vector<float> planes(c * stride, 0.0f);
+    for (size_t b = begin; b < end; ++b) {
+      for (size_t row = 0; row < geo.height; ++row)
+        to_planes(x_data + (b * geo.height + row) * geo.width * c, geo.width, c,
+                  planes.data() + (row + geo.pad) * geo.padded_width + geo.pad, stride);
+      float* out = y_data + b * geo.out_height * geo.out_width * o;
+      for (size_t first = 0; first < o; first += block) {
+        switch (std::min(block, o - first)) {
+#define DDPM_JAX_PLANAR_BLOCK(OB) \
+  case OB: ConvPlanarRows<OB>(geo, planes.data(), stride, w, first, dest_data, out); break;
+          DDPM_JAX_PLANAR_BLOCK(1) DDPM_JAX_PLANAR_BLOCK(2) DDPM_JAX_PLANAR_BLOCK(3) DDPM_JAX_PLANAR_BLOCK(4)
+          DDPM_JAX_PLANAR_BLOCK(5) DDPM_JAX_PLANAR_BLOCK(6) DDPM_JAX_PLANAR_BLOCK(7) DDPM_JAX_PLANAR_BLOCK(8)
+          DDPM_JAX_PLANAR_BLOCK(9) DDPM_JAX_PLANAR_BLOCK(10) DDPM_JAX_PLANAR_BLOCK(11) DDPM_JAX_PLANAR_BLOCK(12)
+#undef DDPM_JAX_PLANAR_BLOCK
+        }
+      }
+    }
+  });
+}
+
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, int64_t padding,
                 ffi::ResultBuffer<ffi::F32> y) {
   const auto dims = x.dimensions();
@@ -374,6 +488,10 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     return ffi::Error::InvalidArgument("conv: expects x (B, H, W, C), kernel (k, k, C, O), 0 <= padding < k");
   const ConvGeometry geo(dims[0], dims[1], dims[2], dims[3], kdims[3], kdims[0], padding);
   if (geo.batch * geo.out_height * geo.out_width * geo.o == 0) return ffi::Error::Success();
+  if (use_planar(geo)) {
+    ConvPlanar(pool, geo, x.typed_data(), kernel.typed_data(), y->typed_data());
+    return ffi::Error::Success();
+  }
   const size_t taps = geo.k * geo.k, c = geo.c, o = geo.o;
   // The kernel per group of output channels, [group][tap][c][its vectors], zero past channel o.
   std::vector<Vec> packed(taps * c * geo.vectors);
