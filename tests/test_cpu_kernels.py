@@ -78,12 +78,14 @@ def test_the_article_unet_on_the_cpu_calls_the_kernel():
 # are five (three) vectors, two tile groups (one); 160 are five (three) groups. Nine images: the
 # kernel gradient sums them in nine chunks on the pool. It takes inputs of 4 channels or more a
 # tap at a time, in blocks of input channels: 7 channels make a block of 8 whose last is dropped.
-# Outputs of 1, 9, 10, 12, 20 and 25 channels take the planar form (25: blocks of 9, 9 and 7).
+# Outputs of 1 (from 10), 9, 10, 12, 20 and 25 channels take the planar form (25: blocks of 9, 9
+# and 7), and so do the input gradients of 2, 3, 6, 7, 10 and 20 channels; 1 -> 1 does not (9
+# multiply-adds per output).
 @needs_kernels
 @pytest.mark.parametrize("kernel, padding, shape, c, o", [
     (3, 1, (9, 28, 28), 10, 10), (3, 1, (2, 7, 5), 20, 40), (2, 0, (3, 6, 6), 40, 40), (2, 1, (2, 6, 6), 40, 40),
     (3, 0, (2, 5, 4), 1, 1), (3, 1, (2, 3, 3), 40, 160), (1, 0, (2, 4, 4), 3, 70), (4, 2, (1, 3, 5), 2, 9),
-    (3, 1, (2, 6, 5), 7, 12), (3, 1, (3, 14, 14), 20, 20), (3, 1, (2, 9, 11), 6, 25)])
+    (3, 1, (2, 6, 5), 7, 12), (3, 1, (3, 14, 14), 20, 20), (3, 1, (2, 9, 11), 6, 25), (3, 1, (2, 7, 7), 10, 1)])
 def test_conv_and_its_gradients_match_lax(kernel, padding, shape, c, o):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=shape + (c,)).astype(np.float32))

@@ -388,11 +388,15 @@ bool use_planar(const ConvGeometry& geo) {
 // kLanes pixels of a channel per gather, a row's last ones in a masked one (a scalar copy a float
 // at a time was a quarter of the planar convolution's time).
 void to_planes(const float* __restrict src, size_t n, size_t c, float* __restrict dst, size_t stride) {
+#if defined(__AVX512F__)
+  const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(c)));
+#elif defined(__AVX2__)
+  const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(c)));
+#endif
   for (size_t ci = 0; ci < c; ++ci, dst += stride) {
     size_t xx = 0;
 #if defined(__AVX512F__)
-    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(static_cast<int>(c)));
     for (; xx + 16 <= n; xx += 16) _mm512_storeu_ps(dst + xx, _mm512_i32gather_ps(index, src + xx * c + ci, 4));
     if (xx < n) {  // the row's last pixels: one masked gather
       const __mmask16 mask = static_cast<__mmask16>((1u << (n - xx)) - 1);
@@ -400,7 +404,6 @@ void to_planes(const float* __restrict src, size_t n, size_t c, float* __restric
       continue;
     }
 #elif defined(__AVX2__)
-    const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(c)));
     for (; xx + 8 <= n; xx += 8) _mm256_storeu_ps(dst + xx, _mm256_i32gather_ps(src + xx * c + ci, index, 4));
 #endif
     for (; xx < n; ++xx) dst[xx] = src[xx * c + ci];
