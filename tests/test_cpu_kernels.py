@@ -80,12 +80,18 @@ def test_the_article_unet_on_the_cpu_calls_the_kernel():
 # tap at a time, in blocks of input channels: 7 channels make a block of 8 whose last is dropped.
 # Outputs of 1 (from 10), 9, 10, 12, 20 and 25 channels take the planar form (25: blocks of 9, 9
 # and 7), and so do the input gradients of 2, 3, 6, 7, 10 and 20 channels; 1 -> 1 does not (9
-# multiply-adds per output).
+# multiply-adds per output). Kernel gradients of images of 128 pixels or more with such outputs
+# take the planar form too, in tiles of R rows (tap, ci) x OB output channels: 28x28 10 -> 10
+# (R 4, OB 5, two padding rows), 14x14 20 -> 20 (5, 4), 14x14 10 -> 1 (15, 1), 12x13 7 -> 1 (9, 2:
+# a padding channel), 7 -> 9 (7, 3), 3 -> 12 (7, 3: rows of several taps, a padding row) and
+# 2x2 13x12 5 -> 7 (5, 4: a padding channel).
 @needs_kernels
 @pytest.mark.parametrize("kernel, padding, shape, c, o", [
     (3, 1, (9, 28, 28), 10, 10), (3, 1, (2, 7, 5), 20, 40), (2, 0, (3, 6, 6), 40, 40), (2, 1, (2, 6, 6), 40, 40),
     (3, 0, (2, 5, 4), 1, 1), (3, 1, (2, 3, 3), 40, 160), (1, 0, (2, 4, 4), 3, 70), (4, 2, (1, 3, 5), 2, 9),
-    (3, 1, (2, 6, 5), 7, 12), (3, 1, (3, 14, 14), 20, 20), (3, 1, (2, 9, 11), 6, 25), (3, 1, (2, 7, 7), 10, 1)])
+    (3, 1, (2, 6, 5), 7, 12), (3, 1, (3, 14, 14), 20, 20), (3, 1, (2, 9, 11), 6, 25), (3, 1, (2, 7, 7), 10, 1),
+    (3, 1, (2, 14, 14), 10, 1), (3, 1, (2, 12, 13), 7, 1), (3, 1, (2, 12, 13), 7, 9), (3, 1, (2, 12, 13), 3, 12),
+    (2, 0, (2, 13, 12), 5, 7)])
 def test_conv_and_its_gradients_match_lax(kernel, padding, shape, c, o):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=shape + (c,)).astype(np.float32))
