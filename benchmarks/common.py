@@ -11,6 +11,14 @@ import time
 
 import jax
 
+# (size, in, out): count of the article U-Net's 3x3 stride-1 convolutions of that shape
+# (ddpm_jax/models/article_unet.py: three levels down, the middle, three up, conv_out).
+ARTICLE_CONV3 = {
+    (28, 1, 10): 1, (28, 10, 10): 10, (28, 20, 10): 1, (28, 10, 1): 1,
+    (14, 10, 20): 1, (14, 20, 20): 6, (14, 40, 20): 1, (14, 20, 10): 1, (14, 10, 10): 3,
+    (7, 20, 40): 1, (7, 40, 40): 6, (7, 80, 40): 1, (7, 40, 20): 1, (7, 20, 20): 3,
+    (3, 40, 20): 1, (3, 20, 20): 3, (3, 20, 40): 1, (3, 40, 40): 1,
+}
 
 def timed(fn):
     """(result, seconds) of fn(), waiting for the device to finish."""

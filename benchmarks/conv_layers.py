@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from common import device_info, median, report  # noqa: E402
+from common import ARTICLE_CONV3, device_info, median, report  # noqa: E402
 from ddpm_jax import runtime  # noqa: E402
 
 flags.DEFINE_integer("batch", 128, "Batch size (the article trains at 128).")
@@ -46,14 +46,6 @@ flags.DEFINE_integer("threads", 2, "PyTorch's intra-op threads.")
 flags.DEFINE_string("json", "", "Also write the result to this file.")
 FLAGS = flags.FLAGS
 
-# (size, in, out): count of the article U-Net's 3x3 stride-1 convolutions of that shape
-# (ddpm_jax/models/article_unet.py: three levels down, the middle, three up, conv_out).
-ARTICLE_CONV3 = {
-    (28, 1, 10): 1, (28, 10, 10): 10, (28, 20, 10): 1, (28, 10, 1): 1,
-    (14, 10, 20): 1, (14, 20, 20): 6, (14, 40, 20): 1, (14, 20, 10): 1, (14, 10, 10): 3,
-    (7, 20, 40): 1, (7, 40, 40): 6, (7, 80, 40): 1, (7, 40, 20): 1, (7, 20, 20): 3,
-    (3, 40, 20): 1, (3, 20, 20): 3, (3, 20, 40): 1, (3, 40, 40): 1,
-}
 # The other convolutions, as flax.linen runs them: (name, size in, in, out, kernel, stride, PyTorch's
 # padding, transposed). ConvTranspose2d(k, s, p) is lax.conv_transpose with padding k - 1 - p.
 ARTICLE_OTHER = [

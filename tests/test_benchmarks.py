@@ -21,6 +21,7 @@ RUNS = {
     # The article's U-Net at batch 2: every convolution of the step is found in the trace and named.
     "step_profile": ["benchmarks/step_profile.py", "--batch", "2", "--steps", "1", "--no-torch"],
     "elementwise": ["benchmarks/elementwise.py", "--batch", "2", "--rounds", "1"],
+    "conv_kernel": ["benchmarks/conv_kernel.py", "--batch", "2", "--repeats", "1"],
 }
 
 
@@ -72,3 +73,14 @@ def test_elementwise_times_xla_and_the_kernels(results):
     for name in ("silu 2x28x28x10 xla", "silu 2x28x28x10 kernel", "silu(x + bias) 2x28x28x10 kernel",
                  "layer_norm 2x28x28x10 forward+backward kernel"):
         assert times[name]["min"] > 0, times
+
+
+def test_conv_kernel_times_every_3x3_layer(results):
+    from ddpm_jax.models import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no CPU kernels here (no C++ compiler)")
+    result = result_of(results, "conv_kernel")
+    assert len(result["layers"]) == 18 and sum(row["count"] for row in result["layers"]) == 43, result["layers"]
+    assert all(row["forward_ms"] > 0 and row["kernel_grad_ms"] > 0 for row in result["layers"]), result["layers"]
+    assert result["model_total"]["kernel_grad_ms"] > 0

@@ -282,15 +282,18 @@ def _kernel_conv(x, kernel, padding):
     return jax.ffi.ffi_call(_CONV, out, vmap_method="sequential")(x, kernel, padding=np.int64(padding))
 
 
+def _kernel_conv_kernel_grad(x, dy, size, padding):
+    out = jax.ShapeDtypeStruct((size, size, x.shape[-1], dy.shape[-1]), x.dtype)
+    return jax.ffi.ffi_call(_CONV_KERNEL_GRAD, out, vmap_method="sequential")(
+        x, dy, size=np.int64(size), padding=np.int64(padding))
+
+
 def _kernel_conv_grads(x, kernel, dy, padding):
     # The input's gradient is the convolution of dy with the kernel flipped in space and its
     # channel axes swapped, padded by k - 1 - p (the full correlation, cut to x's size).
     k = kernel.shape[0]
     dx = _kernel_conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), k - 1 - padding)
-    out = jax.ShapeDtypeStruct(kernel.shape, x.dtype)
-    dkernel = jax.ffi.ffi_call(_CONV_KERNEL_GRAD, out, vmap_method="sequential")(
-        x, dy, size=np.int64(k), padding=np.int64(padding))
-    return dx, dkernel
+    return dx, _kernel_conv_kernel_grad(x, dy, k, padding)
 
 
 def _xla_conv_grads(x, kernel, dy, padding):
