@@ -27,6 +27,19 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def call_seconds(call, repeats: int, warmups: int = 1) -> list[float]:
+    """Wall times of `repeats` calls of call() (which waits for its result), after `warmups` untimed
+    ones (compile, warm-up)."""
+    for _ in range(warmups):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 _compile_seconds = [0.0]
 # JAX's duration events for tracing, lowering and compiling a program (jax/_src/dispatch.py).
 _COMPILE_EVENTS = frozenset(f"/jax/core/compile/{stage}_duration"

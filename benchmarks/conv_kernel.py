@@ -12,7 +12,6 @@ and PyTorch. Needs the compiled kernels (a C++ compiler). Not a test.
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from common import ARTICLE_CONV3, device_info, report  # noqa: E402
+from common import ARTICLE_CONV3, call_seconds, device_info, report  # noqa: E402
 from ddpm_jax import runtime  # noqa: E402
 from ddpm_jax.models import cpu_kernels  # noqa: E402
 
@@ -32,13 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def min_ms(fn, *args) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * min(call_seconds(lambda: jax.block_until_ready(fn(*args)), FLAGS.repeats))
 
 
 def main(argv):
@@ -47,13 +40,13 @@ def main(argv):
     if not cpu_kernels.available():
         sys.exit("conv_kernel.py: the CPU kernels are not built here (no C++ compiler, or DDPM_JAX_CPU_KERNELS=off)")
     rng = np.random.default_rng(0)
+    forward = jax.jit(lambda x, w: cpu_kernels._kernel_conv(x, w, 1))
+    kernel_grad = jax.jit(lambda x, dy: cpu_kernels._kernel_conv_kernel_grad(x, dy, 3, 1))
     layers, totals = [], {"forward_ms": 0.0, "kernel_grad_ms": 0.0}
     for (size, cin, cout), count in ARTICLE_CONV3.items():
         x = jnp.asarray(rng.normal(size=(FLAGS.batch, size, size, cin)).astype(np.float32))
         w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32))
         dy = jnp.asarray(rng.normal(size=(FLAGS.batch, size, size, cout)).astype(np.float32))
-        forward = jax.jit(lambda x, w: cpu_kernels._kernel_conv(x, w, 1))
-        kernel_grad = jax.jit(lambda x, dy: cpu_kernels._kernel_conv_kernel_grad(x, dy, 3, 1))
         row = {"size": size, "in": cin, "out": cout, "count": count,
                "forward_ms": round(min_ms(forward, x, w), 3), "kernel_grad_ms": round(min_ms(kernel_grad, x, dy), 3)}
         for key in totals:

@@ -28,7 +28,6 @@ Medians over --repeats calls after a warm-up. Not a test.
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from common import ARTICLE_CONV3, device_info, median, report  # noqa: E402
+from common import ARTICLE_CONV3, call_seconds, device_info, median, report  # noqa: E402
 from ddpm_jax import runtime  # noqa: E402
 
 flags.DEFINE_integer("batch", 128, "Batch size (the article trains at 128).")
@@ -108,14 +107,7 @@ def model_layer_fn(kernel: int, stride: int, padding: int, transposed: bool):
 
 def median_seconds(call, repeats: int) -> float:
     """Median wall time of call() over `repeats` calls, after two untimed ones (compile, warm-up)."""
-    call()
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return median(times)
+    return median(call_seconds(call, repeats, warmups=2))
 
 
 def xla_times(form, size: int, cin: int, cout: int, kernel: int, batch: int, repeats: int) -> tuple[float, float]:
